@@ -1,0 +1,156 @@
+"""`Mistral3ForConditionalGeneration`: Pixtral tower + projector around the Mistral 4 text stack.
+
+Reference: transformers `models/mistral3/modeling_mistral3.py`. The module tree is flattened by one
+level relative to transformers 5 (`model.language_model` is `language_model` here); the loader's
+rename table maps both on-disk prefixes onto it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import ops
+from .config import ModelConfig
+from .errors import InputError
+from .text_model import Mistral4Model, RMSNorm, linear
+from .vision_model import PatchLayout, PixtralVisionModel, patch_layout
+
+
+class Mistral3PatchMerger(nnx.Module):
+    """Concatenate each m x m window of patch features (channel-major, as torch `unfold`) and project."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, m = cfg.vision.hidden_size, cfg.spatial_merge_size
+        self.merging_layer = linear(d * m * m, d, dtype, rngs)
+
+    def __call__(self, x_pd: jax.Array, merge_index_mk: jax.Array) -> jax.Array:
+        windows = x_pd[merge_index_mk]  # [M, m*m, D]
+        # unfold's channel layout: index = c * m*m + k
+        return self.merging_layer(jnp.swapaxes(windows, 1, 2).reshape(windows.shape[0], -1))
+
+
+class Mistral3MultiModalProjector(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        v, t = cfg.vision, cfg.text
+        self.norm = RMSNorm(v.hidden_size, t.rms_norm_eps, dtype)  # text eps, as transformers (spec 3.2)
+        self.patch_merger = Mistral3PatchMerger(cfg, dtype, rngs)
+        self.linear_1 = linear(v.hidden_size, t.hidden_size, dtype, rngs, bias=cfg.multimodal_projector_bias)
+        self.linear_2 = linear(t.hidden_size, t.hidden_size, dtype, rngs, bias=cfg.multimodal_projector_bias)
+        self.act = cfg.projector_hidden_act
+
+    def __call__(self, x_pd: jax.Array, merge_index_mk: jax.Array) -> jax.Array:
+        x = self.patch_merger(self.norm(x_pd), merge_index_mk)
+        return self.linear_2(ops.activation(self.act)(self.linear_1(x)))
+
+
+class Mistral3ForConditionalGeneration(nnx.Module):
+    """The whole model. `model(input_ids, pixel_values, image_sizes)` returns logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        if cfg.vision is not None:
+            v = cfg.vision
+            n_layers = cfg.vision_feature_layer % (v.num_hidden_layers + 1)
+            self.vision_tower = PixtralVisionModel(v, dtype, rngs, n_layers)
+            self.multi_modal_projector = Mistral3MultiModalProjector(cfg, dtype, rngs)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
+        self.language_model = Mistral4Model(cfg.text, dtype, rngs)
+        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, dtype, rngs)
+
+    # ------------------------------------------------------------------ pieces
+    def image_features(self, pixel_values: jax.Array, layout: PatchLayout) -> jax.Array:
+        """Projected image features [M, hidden], images in order, each merged grid row-major."""
+        if self.vision_tower is None:
+            raise InputError("pixel_values given, but this is a text-only model (no vision_config)")
+        feats = self.vision_tower(pixel_values, layout)
+        return self.multi_modal_projector(feats, jnp.asarray(layout.merge_index))
+
+    def embed(self, input_ids_bt: jax.Array, image_features_md: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with the `[IMG]` rows replaced by image features, in row-major order."""
+        x = self.language_model.embed_tokens(input_ids_bt)
+        if image_features_md is None:
+            return x
+        is_img = (input_ids_bt == self.config.image_token_id).reshape(-1)
+        slot = jnp.clip(jnp.cumsum(is_img) - 1, 0, image_features_md.shape[0] - 1)
+        feats = image_features_md.astype(x.dtype)[slot].reshape(x.shape)
+        return jnp.where(is_img.reshape(*x.shape[:2], 1), feats, x)
+
+    def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None) -> jax.Array:
+        """Final-norm hidden states of the text stack for a full (uncached) sequence."""
+        mask = ops.causal_mask(positions_bt, positions_bt,
+                               None if attention_mask_bt is None else attention_mask_bt.astype(bool))
+        return self.language_model(inputs_embeds_btd, positions_bt, mask)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
+                 positions=None) -> jax.Array:
+        """Logits [B, T, vocab] of a full sequence.
+
+        input_ids int [B, T]; pixel_values float [N, C, H, W] (padded as the HF processor pads);
+        image_sizes int [N, 2] (height, width) of each image (host values; default: the padded
+        size); attention_mask [B, T] (1 = real token; padded keys are never attended); positions
+        [B, T] (default 0..T-1).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        check_token_ids(input_ids, self.config.text.vocab_size)
+        features = None
+        if pixel_values is not None:
+            layout = self.layout_for(pixel_values, image_sizes)
+            check_image_tokens(input_ids, self.config.image_token_id, sum(layout.tokens_per_image))
+            features = self.image_features(jnp.asarray(pixel_values), layout)
+        elif _is_concrete(input_ids) and self.vision_tower is not None and bool(
+                (np.asarray(input_ids) == self.config.image_token_id).any()):
+            raise InputError(f"input_ids contain image tokens (id {self.config.image_token_id}) but no pixel_values "
+                             "were given")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h = self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask)
+        return self.lm_head(h)
+
+    def layout_for(self, pixel_values, image_sizes) -> PatchLayout:
+        if self.vision_tower is None:
+            raise InputError("pixel_values given, but this is a text-only model (no vision_config)")
+        shape = tuple(np.shape(pixel_values))
+        if len(shape) != 4 or shape[1] != self.config.vision.num_channels:
+            raise InputError(f"pixel_values must be [images, {self.config.vision.num_channels}, height, width], "
+                             f"got shape {shape}")
+        if image_sizes is None:
+            image_sizes = [shape[2:]] * shape[0]
+        sizes = np.asarray(image_sizes)
+        if sizes.shape != (shape[0], 2):
+            raise InputError(f"image_sizes must be [{shape[0]}, 2] (height, width per image), got shape {sizes.shape}")
+        return patch_layout(sizes, shape[2:], self.config.vision.patch_size, self.config.spatial_merge_size)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    if not _is_concrete(input_ids):
+        return
+    ids = np.asarray(input_ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"input_ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"input_ids{list(where)} = {int(ids[where])} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_image_tokens(input_ids, image_token_id: int, n_features: int) -> None:
+    if not _is_concrete(input_ids):
+        return
+    n_tokens = int((np.asarray(input_ids) == image_token_id).sum())
+    if n_tokens != n_features:
+        raise InputError(f"input_ids hold {n_tokens} image tokens (id {image_token_id}) but the images give "
+                         f"{n_features} features: each image of height h and width w needs "
+                         "(h // (patch*merge)) * (w // (patch*merge)) image tokens")

@@ -1,0 +1,94 @@
+"""Lazy, validated access to `.safetensors` files as numpy arrays, FP8 included.
+
+The `safetensors` package's numpy backend cannot return float8 tensors, which the released
+checkpoint is made of, so the (simple, documented) file format is read here: an 8-byte little-endian
+header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data. Tensors are
+memory-mapped views: reading a slice reads only those bytes, and nothing is ever unpickled.
+Writing uses the `safetensors` package (`save_file`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CheckpointError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: `keys()`, `dtype(name)`, `shape(name)` and `get(name)` (a lazy view)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100_000_000:
+                    raise CheckpointError(f"{self.path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        data_size = size - self._start
+        self._info: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dt, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            if dt not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dt].itemsize
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} header says {end - begin} bytes, its shape "
+                                      f"{list(shape)} x {dt} needs {nbytes}")
+            if end > data_size:
+                raise CheckpointError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end} of the data, "
+                                      f"which holds only {data_size} bytes")
+            self._info[name] = (dt, shape, begin, end)
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def dtype_name(self, name: str) -> str:
+        return self._info[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, b, e = self._info[name]
+        return e - b
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor (no bytes are read until used)."""
+        dt, shape, begin, end = self._info[name]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._start)
+        return self._mmap[begin:end].view(DTYPES[dt]).reshape(shape)
+
+    def close(self):
+        self._mmap = None

@@ -1,0 +1,230 @@
+"""The Mistral 4 text stack (transformers `models/mistral4/modeling_mistral4.py`) as Flax NNX modules.
+
+Module and attribute names follow the reference tree (`layers.N.self_attn.q_a_proj`,
+`layers.N.mlp.experts`, ...) so that loading a checkpoint is a rename table. Linear kernels are
+stored [in, out] (Flax convention), i.e. transposed from the PyTorch [out, in].
+
+The decoder layers are stacked: every parameter of `layers` has a leading depth axis and the stack
+runs under `jax.lax.scan`, so compile time does not grow with depth. Layers before
+`first_k_dense_replace` use a dense MLP and live in a second stack, `dense_layers`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import moe, ops
+from .config import TextConfig
+
+_init = nnx.initializers.normal(0.02)
+
+
+def linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=_init, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ops.rms_norm(x, self.weight[...], self.eps)
+
+
+class Mistral4MLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): the shared expert and the dense layers' MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, dtype, rngs: nnx.Rngs):
+        self.gate_proj = linear(hidden, intermediate, dtype, rngs)
+        self.up_proj = linear(hidden, intermediate, dtype, rngs)
+        self.down_proj = linear(intermediate, hidden, dtype, rngs)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(ops.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Mistral4TopkRouter(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(rngs.params(), (cfg.hidden_size, cfg.n_routed_experts), dtype))
+        self.cfg = cfg
+
+    def __call__(self, x_th: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (router_logits [T, E], weights [T, K], expert ids [T, K])."""
+        c = self.cfg
+        logits = x_th @ self.kernel[...]
+        w, idx = moe.route(logits, top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                           norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+                           softmax_fp32=c.router_softmax_fp32)
+        return logits, w, idx
+
+
+class Mistral4Experts(nnx.Module):
+    """The routed experts, stacked: gate_up_proj [E, H, 2I] (gate first), down_proj [E, I, H]."""
+
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nnx.Param(_init(rngs.params(), (e, h, 2 * i), dtype))
+        self.down_proj = nnx.Param(_init(rngs.params(), (e, i, h), dtype))
+        self.act = cfg.hidden_act
+        self.impl = cfg.expert_impl
+
+    def __call__(self, x_th, weights_tk, idx_tk):
+        return moe.experts_forward(x_th, weights_tk, idx_tk, self.gate_up_proj[...], self.down_proj[...],
+                                   self.act, self.impl)
+
+
+class Mistral4MoE(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        self.gate = Mistral4TopkRouter(cfg, dtype, rngs)
+        self.experts = Mistral4Experts(cfg, dtype, rngs)
+        width = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        b, t, d = x_btd.shape
+        x_th = x_btd.reshape(b * t, d)
+        _, w, idx = self.gate(x_th)
+        y = self.experts(x_th, w, idx).reshape(b, t, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_btd)
+        return y
+
+
+class Mistral4Attention(nnx.Module):
+    """Multi-head latent attention (spec 3.3), expanded form for the full-sequence forward.
+
+    The work is split so that a latent cache fits: `latent` gives what a cache stores per token
+    (normalised c_kv [B, T, kv_lora_rank] and the rotated shared rope key [B, T, rope_dim]); `query`
+    gives the scaled queries; `attend` expands the latent to per-head keys/values and attends.
+    """
+
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.q_proj = linear(h, nh * cfg.qk_head_dim, dtype, rngs)
+        else:
+            self.q_a_proj = linear(h, cfg.q_lora_rank, dtype, rngs, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)  # eps hard-coded in the reference
+            self.q_b_proj = linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, dtype, rngs)
+        self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, rngs,
+                                         bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, rngs)
+        self.o_proj = linear(nh * cfg.v_head_dim, h, dtype, rngs, bias=cfg.attention_bias)
+
+    def _rope(self, x_bthr, cos, sin):
+        fn = ops.apply_rope_interleaved if self.cfg.rope_interleave else ops.apply_rope_half
+        return fn(x_bthr, cos, sin)
+
+    def latent(self, x_btd, cos, sin) -> tuple[jax.Array, jax.Array]:
+        c = self.cfg
+        ckv = self.kv_a_proj_with_mqa(x_btd)
+        c_kv, k_pe = ckv[..., : c.kv_lora_rank], ckv[..., c.kv_lora_rank:]
+        k_pe = self._rope(k_pe[:, :, None, :], cos, sin)[:, :, 0, :]
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def query(self, x_btd, cos, sin, positions_bt) -> jax.Array:
+        """Q = concat(q_nope, rope(q_pe)) * llama4_scale(pos): [B, T, H, qk_head_dim]."""
+        c = self.cfg
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd)))
+        q = q.reshape(b, t, c.num_attention_heads, c.qk_head_dim)
+        q = jnp.concatenate([q[..., : c.qk_nope_head_dim], self._rope(q[..., c.qk_nope_head_dim:], cos, sin)], -1)
+        scale = ops.llama4_query_scale(positions_bt, c.rope.llama_4_scaling_beta, c.rope.original_max_position_embeddings)
+        return q * scale.astype(q.dtype)[:, :, None, None]
+
+    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
+        c = self.cfg
+        b, s, _ = c_kv_bsc.shape
+        kv = self.kv_b_proj(c_kv_bsc).reshape(b, s, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
+        k_pe = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope.shape[:3], c.qk_rope_head_dim))
+        k = jnp.concatenate([k_nope, k_pe], axis=-1)
+        o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
+        c_kv, k_pe = self.latent(x_btd, cos, sin)
+        return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts)
+
+
+class Mistral4DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, dense: bool, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Mistral4Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if dense:
+            self.mlp = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs)
+        else:
+            self.mlp = Mistral4MoE(cfg, dtype, rngs)
+
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
+        h = x_btd + self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n copies of a module whose parameters are stacked along a new leading axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r: nnx.Rngs):
+        return make(r)
+
+    return create(rngs)
+
+
+def scan_layers(stack: nnx.Module, x, fn: Callable):
+    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, layer_state):
+        return fn(nnx.merge(graphdef, layer_state), carry), None
+
+    out, _ = jax.lax.scan(body, x, state)
+    return out
+
+
+class Mistral4Model(nnx.Module):
+    """Embedding, the decoder stack and the final norm (`Mistral4Model`); returns hidden states."""
+
+    def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=_init, rngs=rngs)
+        k = cfg.first_k_dense_replace
+        self.dense_layers = (stack_layers(lambda r: Mistral4DecoderLayer(cfg, True, dtype, r), k, rngs)
+                             if k else None)
+        n = cfg.num_moe_layers
+        self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
+        c = self.cfg
+        inv_freq = ops.yarn_inv_freq(c.qk_rope_head_dim, c.rope.rope_theta, c.rope.factor,
+                                     c.rope.original_max_position_embeddings, c.rope.beta_fast,
+                                     c.rope.beta_slow, c.rope.truncate)
+        cos, sin = ops.rope_cos_sin(positions_bt, jnp.asarray(inv_freq), c.rope_attention_factor,
+                                    inputs_embeds_btd.dtype)
+
+        def layer_fn(layer, x):
+            return layer(x, cos, sin, positions_bt, mask_bts)
+
+        x = inputs_embeds_btd
+        for stack in (self.dense_layers, self.layers):
+            if stack is not None:
+                x = scan_layers(stack, x, layer_fn)
+        return self.norm(x)
+
+
+def layer_at(stack: nnx.Module, i: int) -> nnx.Module:
+    """Layer `i` of a stacked module, as an ordinary module (a view for inspection and tests)."""
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
