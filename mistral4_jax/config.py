@@ -37,7 +37,6 @@ class RopeConfig:
     attention_factor: float | None = None  # None: derived from factor / mscale / mscale_all_dim
     truncate: bool = True
     llama_4_scaling_beta: float = 0.1
-    partial_rotary_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -254,10 +253,6 @@ def validate(cfg: ModelConfig) -> None:
     need(r.rope_type == "yarn", f"text_config.rope_parameters.rope_type {r.rope_type!r} is not supported (expected 'yarn')")
     need(r.factor > 0 and r.rope_theta > 0, "text_config.rope_parameters: factor and rope_theta must be positive")
     need(r.original_max_position_embeddings > 0, "text_config.rope_parameters.original_max_position_embeddings must be positive")
-    if r.partial_rotary_factor is not None:
-        need(int(t.qk_head_dim * r.partial_rotary_factor) == t.qk_rope_head_dim,
-             f"text_config.rope_parameters.partial_rotary_factor ({r.partial_rotary_factor}) times qk_head_dim "
-             f"({t.qk_head_dim}) must equal qk_rope_head_dim ({t.qk_rope_head_dim})")
     need(t.rms_norm_eps > 0, "text_config.rms_norm_eps must be positive")
     need(t.expert_impl in ("grouped", "dense"), f"expert_impl must be 'grouped' or 'dense', got {t.expert_impl!r}")
     v = cfg.vision
@@ -317,6 +312,12 @@ def _parse_text(d: dict[str, Any], source: str) -> TextConfig:
         kw.pop("norm_topk_prob", None)
     if kw.get("rope_interleave") is None:
         kw.pop("rope_interleave", None)
+    prf = (rope or {}).get("partial_rotary_factor")
+    if prf is not None:
+        qk = kw.get("qk_nope_head_dim", TextConfig.qk_nope_head_dim) + kw.get("qk_rope_head_dim", TextConfig.qk_rope_head_dim)
+        if int(qk * prf) != kw.get("qk_rope_head_dim", TextConfig.qk_rope_head_dim):
+            raise ConfigError(f"{source}: text_config.rope_parameters.partial_rotary_factor ({prf}) times qk_head_dim "
+                              f"({qk}) must equal qk_rope_head_dim: RoPE covers exactly the rope part of each head")
     try:
         return TextConfig(rope=_parse_rope(rope, source), **kw)
     except TypeError as e:
@@ -386,7 +387,6 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     t = cfg.text
     r = dataclasses.asdict(t.rope)
     r = {k: v for k, v in r.items() if v is not None}
-    r["partial_rotary_factor"] = t.qk_rope_head_dim / t.qk_head_dim
     r["type"] = r["rope_type"]
     text = {k: v for k, v in dataclasses.asdict(t).items()
             if k not in ("rope", "apply_yarn_mscale", "router_softmax_fp32", "expert_impl", "eos_token_id")}

@@ -120,6 +120,9 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{Path(path)}: not a directory (expected a checkpoint directory with config.json "
+                              "and *.safetensors files)")
     cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{Path(path)}: no config.json (expected an HF-layout checkpoint directory)")
@@ -179,7 +182,7 @@ def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expecte
                 scale = _scale_for(name, index) if f.dtype_name(name) in FP8 else None
                 if scale is not None:
                     used_scales.add(scale[1])
-                piece = Piece(f, name, kind, layer, int(g["e"]) if g.get("e") is not None else None, scale)
+                piece = Piece(f, name, kind.format(**fmt), layer, int(g["e"]) if g.get("e") is not None else None, scale)
                 plan.setdefault(path, []).append(piece)
                 break
         if piece is None:

@@ -21,7 +21,7 @@ TEXT_DEFAULTS = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
     qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-    max_position_embeddings=4096, initializer_range=0.1,
+    max_position_embeddings=256, initializer_range=0.1,
 )
 VISION_DEFAULTS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        patch_size=14, image_size=112, hidden_act="silu", initializer_range=0.1)

@@ -1,0 +1,138 @@
+"""Bad checkpoints and inputs get one clear error naming the file, tensor or argument."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mistral4_jax import CheckpointError, InputError, ModelConfig, from_pretrained, synthetic
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("ok") / "m", ModelConfig.tiny(), fp8=False)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return from_pretrained(ckpt, dtype="float32")
+
+
+def _copy(ckpt, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def _edit(path, fn):
+    (f,) = sorted(path.glob("*.safetensors"))
+    tensors = dict(load_file(str(f)))
+    fn(tensors)
+    save_file(tensors, str(f))
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        from_pretrained(tmp_path / "nope")
+
+
+def test_no_config(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        from_pretrained(d)
+
+
+def test_no_weights(ckpt, tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    shutil.copy(ckpt / "config.json", d)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        from_pretrained(d)
+
+
+def test_pickle_files_are_refused(ckpt, tmp_path):
+    d = tmp_path / "pt"
+    d.mkdir()
+    shutil.copy(ckpt / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*never loaded"):
+        from_pretrained(d)
+
+
+def test_wrong_shape_names_the_tensor(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path)
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    _edit(d, lambda t: t.__setitem__(name, np.zeros((3, 3), t[name].dtype)))
+    with pytest.raises(CheckpointError, match=f"'{name}'.*shape \\[3, 3\\], expected \\[64, 64\\]"):
+        from_pretrained(d)
+
+
+def test_missing_and_unexpected_are_listed_together(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path)
+
+    def edit(t):
+        del t["language_model.model.layers.0.mlp.gate.weight"]
+        del t["vision_tower.ln_pre.weight"]
+        t["language_model.model.layers.0.mystery.weight"] = np.zeros(2, np.float32)
+
+    _edit(d, edit)
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(d)
+    msg = str(e.value)
+    assert "3 problems" in msg
+    assert "missing tensor for language_model/layers/mlp/gate/kernel (layer 0)" in msg
+    assert "missing tensor for vision_tower/ln_pre/weight" in msg
+    assert "unexpected tensor 'language_model.model.layers.0.mystery.weight'" in msg
+
+
+def test_truncated_file(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path)
+    (f,) = sorted(d.glob("*.safetensors"))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated file"):
+        from_pretrained(d)
+
+
+def test_fp8_without_scale(tmp_path):
+    from safetensors.torch import load_file as load_torch, save_file as save_torch  # numpy cannot read FP8
+
+    d = synthetic.write_checkpoint(tmp_path / "m", ModelConfig.tiny(), fp8=True)
+    (f,) = sorted(d.glob("*.safetensors"))
+    tensors = load_torch(str(f))
+    del tensors["language_model.model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_torch(tensors, str(f))
+    with pytest.raises(CheckpointError, match="FP8 tensor 'language_model.model.layers.0.self_attn.o_proj.weight'"):
+        from_pretrained(d)
+
+
+def test_image_token_count_mismatch(model):
+    px = np.zeros((1, 3, 56, 56), np.float32)  # 2 x 2 merged tokens
+    ids = np.asarray([[1, 10, 10, 10, 2]])
+    with pytest.raises(InputError, match="3 image tokens .* 4 features"):
+        model(ids, px, [(56, 56)])
+
+
+def test_token_ids_outside_vocabulary(model):
+    with pytest.raises(InputError, match=r"input_ids\[0, 2\] = 5000 is outside the vocabulary \[0, 1024\)"):
+        model(np.asarray([[1, 2, 5000]]))
+
+
+def test_bad_pixel_values_shape(model):
+    with pytest.raises(InputError, match="pixel_values must be"):
+        model(np.asarray([[1, 2]]), np.zeros((3, 56, 56), np.float32))
+
+
+def test_bad_dtype_argument(ckpt):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        from_pretrained(ckpt, dtype="int8")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    from mistral4_jax.cli import main
+
+    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
