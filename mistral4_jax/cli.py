@@ -59,10 +59,31 @@ def run_demo(args) -> int:
     return 0
 
 
+def add_convert(sub) -> None:
+    from convert import add_arguments
+
+    p = sub.add_parser("convert", help="convert an HF or Mistral-native safetensors checkpoint to sharded Orbax",
+                       description="Streams the source one layer at a time (bounded memory), writes Orbax "
+                                   "checkpoints plus config.json and the tokenizer files into a temporary sibling "
+                                   "of DST, verifies every array, then renames it to DST.")
+    add_arguments(p)
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; do not claim an accelerator
+    from convert.converter import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_demo(sub)
+    add_convert(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

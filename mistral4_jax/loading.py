@@ -41,7 +41,7 @@ PREFIXES = [
 ]
 
 # Tensors that carry no information for a bf16/fp32 forward (static FP8 activation scales, buffers).
-IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|rotary_emb\.inv_freq)$")
+IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|\.qscale_act|rotary_emb\.inv_freq)$")
 
 _ATTN = r"q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj"
 # (part, name regex, target parameter path, kind). "{stack}" is the text layer stack of the layer.
@@ -139,14 +139,18 @@ def _split_prefix(name: str) -> tuple[str, str] | None:
 
 def _scale_for(name: str, index: dict[str, SafetensorsFile]):
     stem = name[: -len(".weight")] if name.endswith(".weight") else name
-    for cand in (f"{stem}.weight_scale_inv", f"{stem}_scale_inv", f"{stem}.weight_scale", f"{stem}_scale"):
+    for cand in (f"{stem}.weight_scale_inv", f"{stem}_scale_inv", f"{stem}.weight_scale", f"{stem}_scale",
+                 f"{stem}.qscale_weight"):
         if cand in index:
             return index[cand], cand
     return None
 
 
-def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expected: dict[str, tuple]):
-    """Match every tensor to a parameter slot. Returns {param path: [Piece]}; raises listing all problems."""
+def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expected: dict[str, tuple], rename=None):
+    """Match every tensor to a parameter slot. Returns {param path: [Piece]}; raises listing all problems.
+
+    rename: maps an on-disk name to its HF name (None: not a weight) for layouts with other names, as the
+    native one (`mistral4_jax.native`); pieces and messages keep the on-disk name."""
     t = cfg.text
     k = t.first_k_dense_replace
     n_vision = None
@@ -155,9 +159,10 @@ def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expecte
     plan: dict[str, list[Piece]] = {}
     unexpected, used_scales = [], set()
     for name, f in index.items():
-        if IGNORED.search(name) or re.search(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale)$", name):
+        if IGNORED.search(name) or re.search(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale|qscale_weight)$", name):
             continue
-        split = _split_prefix(name)
+        hf_name = rename(name) if rename is not None else name
+        split = _split_prefix(hf_name) if hf_name is not None else None
         piece = None
         if split is not None:
             part, rest = split
@@ -370,22 +375,8 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, **config_overrides):
-    """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
-
-    path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards);
-    FP8 weights are dequantised to `dtype`. mesh: a `jax.sharding.Mesh` to shard the parameters
-    over (see `mistral4_jax.sharding`), or None for the default device. config_overrides: port
-    switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
-    """
-    dtype = resolve_dtype(dtype)
-    cfg = load_config(path)
-    if config_overrides:
-        try:
-            cfg = cfg.replace_text(**config_overrides)
-        except TypeError as e:
-            raise ValueError(f"unknown config override: {e}") from None
-    files = checkpoint_files(path)
+def index_files(files) -> dict[str, SafetensorsFile]:
+    """{tensor name: its file} over `files`; a name in two files is an error."""
     index: dict[str, SafetensorsFile] = {}
     for f in files:
         st = SafetensorsFile(f)
@@ -393,10 +384,42 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, **conf
             if name in index:
                 raise CheckpointError(f"tensor {name!r} appears in both {index[name].path} and {st.path}")
             index[name] = st
+    return index
+
+
+def open_safetensors(path: str | os.PathLike, dtype, **config_overrides):
+    """(config, abstract model, plan) of an HF or native safetensors directory; nothing is read yet."""
+    from . import native
+
+    if native.is_native_dir(path):
+        cfg, index, rename = native.open_native(path)
+    else:
+        cfg, index, rename = load_config(path), index_files(checkpoint_files(path)), None
+    if config_overrides:
+        try:
+            cfg = cfg.replace_text(**config_overrides)
+        except TypeError as e:
+            raise ValueError(f"unknown config override: {e}") from None
     model = abstract_model(cfg, dtype)
+    return cfg, model, plan_checkpoint(cfg, index, param_shapes(model), rename)
+
+
+def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, **config_overrides):
+    """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
+
+    path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards),
+    a Mistral-native one (`params.json` plus `consolidated*.safetensors`) or an Orbax checkpoint written
+    by `mistral4-jax convert`; FP8 weights are dequantised to `dtype`. mesh: a `jax.sharding.Mesh` to
+    shard the parameters over (see `mistral4_jax.sharding`), or None for the default device.
+    config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
+    """
+    from . import checkpoint
+
+    dtype = resolve_dtype(dtype)
+    if checkpoint.is_orbax_dir(path):
+        return checkpoint.restore(path, dtype, mesh, **config_overrides)
+    cfg, model, plan = open_safetensors(path, dtype, **config_overrides)
     graphdef, state = nnx.split(model)
-    expected = param_shapes(model)
-    plan = plan_checkpoint(cfg, index, expected)
     flat = nnx.to_flat_state(state)
     values = []
     for p, var in flat:

@@ -1,0 +1,191 @@
+"""The conversion driver: source checks, streaming by group, progress, verification, atomic rename."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mistral4_jax.errors import CheckpointError, Mistral4Error
+
+DTYPES = ("bfloat16", "float32", "float8")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tokenizer, processor and generation files copied next to the weights when the source has them.
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
+               "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+               "generation_config.json", "SYSTEM_PROMPT.txt")
+
+
+class ConvertError(Mistral4Error):
+    """The conversion cannot start or finish (bad source layout, destination exists, ...)."""
+
+
+def source_layout(src: Path) -> str:
+    """'hf' or 'native'; raises naming what was found when it is neither."""
+    from mistral4_jax.native import is_native_dir
+
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory (expected an HF checkpoint directory with config.json and "
+                           "*.safetensors, or a Mistral-native one with params.json and consolidated*.safetensors)")
+    names = sorted(p.name for p in src.iterdir())
+    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    has_st = any(n.endswith(".safetensors") for n in names)
+    if pickled and not has_st:
+        raise ConvertError(f"{src}: only pickle weight files ({', '.join(pickled)}); they are never loaded "
+                           "(unpickling runs arbitrary code). Provide the weights as .safetensors (for example "
+                           "with safetensors' `convert.py` or `save_pretrained(..., safe_serialization=True)`)")
+    if is_native_dir(src):
+        return "native"
+    if (src / "config.json").exists() and has_st:
+        return "hf"
+    raise ConvertError(f"{src}: neither an HF checkpoint (config.json + *.safetensors) nor a Mistral-native one "
+                       f"(params.json + consolidated*.safetensors); found: {', '.join(names[:20]) or 'nothing'}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(dst: Path) -> None:
+    """Remove `.DST.partial-PID` / `.DST.old-PID` siblings left by runs that no longer exist."""
+    for p in dst.parent.glob(f".{dst.name}.*-*"):
+        kind, _, pid = p.name[len(dst.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ConvertError(f"{dst}: the destination must not be, contain or lie inside the source {src}")
+    if dst.exists() and not overwrite:
+        raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise ConvertError(f"{dst.parent}: the destination's parent directory does not exist")
+
+
+def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: bool = False) -> Path:
+    """Convert the checkpoint directory `src` (HF or native layout) to the Orbax layout at `dst`.
+
+    dtype: "bfloat16" / "float32" dequantise FP8 weights; "float8" keeps E4M3 weights and their scales
+    (other weights in bfloat16). Returns `dst`. Raises a `Mistral4Error` naming the file / tensor at fault;
+    `dst` then does not exist (or is untouched, when it existed)."""
+    from mistral4_jax import checkpoint as ck
+    from mistral4_jax.loading import open_safetensors, param_shapes
+
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    src, dst = Path(src), Path(dst)
+    layout = source_layout(src)
+    _check_destination(src, dst, overwrite)
+    _clean_stale(dst)
+    t0 = time.perf_counter()
+    cfg, model, plan = open_safetensors(src, "bfloat16" if dtype == "float8" else dtype)
+    shapes = param_shapes(model)
+    specs = ck.array_specs(plan, shapes, dtype)
+    groups = ck.groups(shapes)
+    total = sum(ck.slot_bytes(ps) for ps in plan.values())
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"convert: {src} ({layout} layout, {len(groups)} groups, {total / 2**30:.2f} GiB to read) -> {dst} ({dtype})")
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "params").mkdir(parents=True)
+        _write_groups(tmp, groups, plan, shapes, dtype, total, quiet)
+        _write_config(src, tmp, layout, cfg, dtype)
+        for name in ASSET_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        problems = ck.verify(tmp, specs)
+        if problems:
+            raise CheckpointError(f"{dst}: the written checkpoint failed verification:\n  " + "\n  ".join(problems[:50]))
+        # The marker is what makes a directory a converted checkpoint: written last, then renamed into place.
+        overrides = {k: v for k, v in (("apply_yarn_mscale", cfg.text.apply_yarn_mscale),) if v}
+        ck.write_marker(tmp, overrides, dtype, specs)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dt = time.perf_counter() - t0
+    say(f"convert: wrote {dst} in {dt:.1f}s ({total / 2**30 / max(dt, 1e-9):.2f} GiB/s read)")
+    return dst
+
+
+def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from mistral4_jax import checkpoint as ck
+
+    np_dtype = "float8" if dtype == "float8" else dtype
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, file=sys.stderr,
+              desc="convert", dynamic_ncols=True) as bar:
+        for gdir, members in groups.items():
+            bar.set_postfix_str(gdir)
+            tree, nbytes = ck.group_tree(members, plan, shapes, np_dtype)
+            ck.save_tree(tmp / "params" / gdir, tree)
+            del tree
+            bar.update(nbytes)
+
+
+def _write_config(src: Path, tmp: Path, layout: str, cfg, dtype: str) -> None:
+    import json
+
+    hf = cfg.to_hf_dict()
+    if dtype != "float8":
+        hf.pop("quantization_config", None)
+    if layout == "hf":  # keep the source's own fields (ours are a subset), with the quantization as written
+        try:
+            orig = json.loads((src / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            orig = None
+        if isinstance(orig, dict):
+            if dtype != "float8":
+                orig.pop("quantization_config", None)
+            hf = orig
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint directory: HF layout (config.json + *.safetensors) or "
+                                              "Mistral-native (params.json + consolidated*.safetensors)")
+    p.add_argument("dst", metavar="DST", help="output directory (Orbax checkpoint + config.json + tokenizer files)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="bfloat16 / float32: dequantise FP8 weights; float8: keep E4M3 weights and their scales "
+                        "(default: bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still go to stderr)")
+
+
+def run(args) -> int:
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Mistral4Error as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
