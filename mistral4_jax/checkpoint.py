@@ -13,7 +13,7 @@ Each Orbax tree is {"params": {...}, "scales": {...}}, nested by module path. On
 is what bounds memory: writing holds one layer, and restoring fills each stacked parameter layer by
 layer on its target sharding (Orbax reads only the slices each process's devices hold).
 
-FP8 (`dtype` "float8"): a weight stored as E4M3 on disk stays E4M3 and gets a float32 scale of the
+FP8 (`dtype` "float8"): a weight stored as E4M3 on disk stays E4M3 (the others keep their source dtype) and gets a float32 scale of the
 kernel's shape with the input axis set to 1 (`[..., 1, out]`): W = f32(W_fp8) * scale. Per-output-column
 scales represent per-tensor, per-expert and the native per-expert gate/up scales exactly, and suit an
 FP8 matmul `(x @ W_fp8) * scale`. Until that path exists, `restore` dequantises to the requested dtype.
@@ -130,6 +130,17 @@ def fp8_slot(pieces: list[Piece], slot_shape: tuple[int, ...]) -> tuple[np.ndarr
     return q, s
 
 
+def kept_dtype(pieces: list[Piece]) -> np.dtype:
+    """Storage dtype of a parameter not kept in FP8 under "float8": its source float dtype (the widest of its
+    pieces), bfloat16 for FP8 sources that cannot stay FP8."""
+    from .safetensors_io import DTYPES as ST
+
+    names = {p.file.dtype_name(p.key) for p in pieces}
+    if names <= {"F32", "BF16", "F16"}:
+        return np.result_type(*(ST[n] for n in sorted(names))) if len(names) > 1 else ST[names.pop()]
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def slot_bytes(pieces: list[Piece]) -> int:
     """Bytes read from disk for one slot (fused experts: the whole tensor once)."""
     return sum(p.file.nbytes(p.key) for p in pieces)
@@ -151,7 +162,7 @@ def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], 
             _nest(tree["params"], key, q)
             _nest(tree["scales"], key, s)
         else:
-            np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "float8" else np.dtype(dtype)
+            np_dtype = kept_dtype(pieces) if dtype == "float8" else np.dtype(dtype)
             _nest(tree["params"], key, _slot_value(pieces, slot_shape, np_dtype, _normalize((), slot_shape)))
     if not tree["scales"]:
         del tree["scales"]
@@ -164,7 +175,7 @@ def array_specs(plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype) -
     for path, shape in shapes.items():
         if dtype == "float8":
             scaled = keeps_fp8(plan[path])
-            dt = "float8_e4m3fn" if scaled else "bfloat16"
+            dt = "float8_e4m3fn" if scaled else kept_dtype(plan[path]).name
         else:
             scaled, dt = False, np.dtype(dtype).name
         out[path] = {"shape": list(shape), "dtype": dt, "scaled": scaled}
