@@ -137,10 +137,9 @@ def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet
               desc="convert", dynamic_ncols=True) as bar:
         for gdir, members in groups.items():
             bar.set_postfix_str(gdir)
-            tree, nbytes = ck.group_tree(members, plan, shapes, np_dtype)
+            tree = ck.group_tree(members, plan, shapes, np_dtype, progress=bar.update)
             ck.save_tree(tmp / "params" / gdir, tree)
             del tree
-            bar.update(nbytes)
 
 
 def _write_config(src: Path, tmp: Path, layout: str, cfg, dtype: str) -> None:

@@ -101,33 +101,95 @@ def keeps_fp8(pieces: list[Piece]) -> bool:
     return all(p.scale is not None and p.kind in FP8_KINDS and p.file.dtype_name(p.key) == "F8_E4M3" for p in pieces)
 
 
-def _scalar_or(piece: Piece, n: int) -> np.ndarray:
-    """A piece's scale as n per-leading-axis values (n = 1 for a per-tensor scale)."""
+def _per_piece_scale(piece: Piece, n: int) -> np.ndarray | None:
+    """A piece's scale as n per-leading-axis values (n = 1: per tensor); None if it is neither (block-wise)."""
     s = np.asarray(piece.scale[0].get(piece.scale[1]), np.float32)
     if s.size == 1:
         return np.full((n,), s.reshape(()), np.float32)
     if s.size == n and n > 1:
         return s.reshape(n)
-    raise CheckpointError(f"{piece.scale[0].path}: scale {piece.scale[1]!r} of shape {list(s.shape)} is not per-tensor "
-                          f"or per-expert; --dtype float8 keeps only those (use --dtype bfloat16 to dequantise)")
+    return None
 
 
-def fp8_slot(pieces: list[Piece], slot_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One slot of a parameter kept in E4M3: (weights `slot_shape`, float32 scale `scale_shape(slot_shape)`)."""
-    full = _normalize((), slot_shape)
-    q = _slot_value([dataclasses.replace(p, scale=None) for p in pieces], slot_shape, E4M3, full)
+def slot_scale(pieces: list[Piece], slot_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Float32 scale `scale_shape(slot_shape)` of one slot of an FP8 parameter, per output column; None when
+    a scale is not per tensor / per expert."""
     s = np.empty(scale_shape(slot_shape), np.float32)
     first = pieces[0]
-    if first.kind == "linear":
-        s[...] = _scalar_or(first, 1)[0]
-    elif first.kind == "experts":
-        s[...] = _scalar_or(first, slot_shape[0]).reshape(-1, 1, 1)
-    else:
+    if first.kind == "experts":
+        v = _per_piece_scale(first, slot_shape[0])
+        if v is None:
+            return None
+        s[...] = v.reshape(-1, 1, 1)
+    elif first.kind.startswith("expert_"):
         half = slot_shape[2] // 2
         cols = {"expert_gate_proj": slice(0, half), "expert_up_proj": slice(half, None), "expert_down_proj": slice(None)}
         for p in pieces:
-            s[p.expert, :, cols[p.kind]] = _scalar_or(p, 1)[0]
-    return q, s
+            v = _per_piece_scale(p, 1)
+            if v is None:
+                return None
+            s[p.expert, :, cols[p.kind]] = v[0]
+    else:
+        v = _per_piece_scale(first, 1)
+        if v is None:
+            return None
+        s[...] = v[0]
+    return s
+
+
+@partial(jax.jit, static_argnames=("kind", "dtype"))
+def _to_layout(x, scale, kind: str, dtype):
+    """On-disk tensor -> parameter layout (kernels [in, out], conv [p, p, C, D], experts [E, in, out]),
+    times its per-output-column scale if given, in `dtype`. XLA does the casts and transposes: numpy's
+    float8 casts and strided 1-byte transposes are an order of magnitude slower."""
+    if kind in ("linear", "tied"):
+        x = x.T
+    elif kind == "conv":
+        x = jnp.transpose(x, (2, 3, 1, 0))
+    elif kind == "experts":
+        x = jnp.swapaxes(x, 1, 2)
+    if scale is not None:
+        x = x.astype(jnp.float32) * scale
+    return x.astype(dtype)
+
+
+def _raw_slot(pieces: list[Piece]) -> tuple[np.ndarray, str]:
+    """The slot's source tensor(s) as one array in on-disk orientation, and the layout kind to apply.
+    Per-expert tensors are stacked into the fused layout [E, out, in] (gate rows before up rows)."""
+    first = pieces[0]
+    if not first.kind.startswith("expert_"):
+        return first.file.read(first.key), first.kind
+    by = {(p.expert, p.kind): p for p in pieces}
+    n = max(p.expert for p in pieces) + 1
+    if first.kind == "expert_down_proj":
+        parts = [by[(e, "expert_down_proj")].file.read(by[(e, "expert_down_proj")].key) for e in range(n)]
+        return np.stack(parts), "experts"
+    rows = []
+    for e in range(n):
+        g, u = by[(e, "expert_gate_proj")], by[(e, "expert_up_proj")]
+        rows.append(np.concatenate([g.file.read(g.key), u.file.read(u.key)], axis=0))
+    return np.stack(rows), "experts"
+
+
+def slot_value(pieces: list[Piece], slot_shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """One slot (a layer, or an unstacked parameter) read from the source: (value, scale or None).
+
+    dtype "float8": an E4M3 weight with per-tensor / per-expert scales stays E4M3 and comes with its
+    scale; anything else is returned in its source dtype. Otherwise the value is dequantised to `dtype`."""
+    fp8_ok = keeps_fp8(pieces)
+    scale = slot_scale(pieces, slot_shape) if fp8_ok or any(p.scale is not None for p in pieces) else None
+    scaled = any(p.scale is not None for p in pieces)
+    if scaled and scale is None:  # block-wise scales: the loader's general path
+        if dtype == "float8":
+            raise CheckpointError(f"{pieces[0].file.path}: tensor {pieces[0].key!r} has block-wise scales; --dtype "
+                                  "float8 keeps only per-tensor / per-expert ones (use --dtype bfloat16)")
+        return _slot_value(pieces, slot_shape, np.dtype(dtype), _normalize((), slot_shape)), None
+    raw, kind = _raw_slot(pieces)
+    if dtype == "float8":
+        if fp8_ok:
+            return np.asarray(_to_layout(raw, None, kind, E4M3)), scale
+        return np.asarray(_to_layout(raw, scale, kind, kept_dtype(pieces))), None
+    return np.asarray(_to_layout(raw, scale, kind, np.dtype(dtype))), None
 
 
 def kept_dtype(pieces: list[Piece]) -> np.dtype:
@@ -146,27 +208,23 @@ def slot_bytes(pieces: list[Piece]) -> int:
     return sum(p.file.nbytes(p.key) for p in pieces)
 
 
-def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype) -> tuple[dict, int]:
-    """The Orbax tree of one group (numpy arrays) and the source bytes it read.
+def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype, progress=None) -> dict:
+    """The Orbax tree of one group (numpy arrays), read slot by slot; `progress(nbytes)` after each slot.
 
-    dtype: a numpy dtype to dequantise to, or "float8" to keep E4M3 weights (others become bfloat16)."""
+    dtype: a numpy dtype to dequantise to, or "float8" to keep E4M3 weights (see `slot_value`)."""
     tree: dict = {"params": {}, "scales": {}}
-    nbytes = 0
     for path, layer in members:
         pieces = plan[path] if layer is None else [p for p in plan[path] if p.layer == layer]
         slot_shape = shapes[path] if layer is None else shapes[path][1:]
-        nbytes += slot_bytes(pieces)
-        key = tree_key(path)
-        if dtype == "float8" and keeps_fp8(pieces):
-            q, s = fp8_slot(pieces, slot_shape)
-            _nest(tree["params"], key, q)
-            _nest(tree["scales"], key, s)
-        else:
-            np_dtype = kept_dtype(pieces) if dtype == "float8" else np.dtype(dtype)
-            _nest(tree["params"], key, _slot_value(pieces, slot_shape, np_dtype, _normalize((), slot_shape)))
+        value, scale = slot_value(pieces, slot_shape, dtype)
+        _nest(tree["params"], tree_key(path), value)
+        if scale is not None:
+            _nest(tree["scales"], tree_key(path), scale)
+        if progress is not None:
+            progress(slot_bytes(pieces))
     if not tree["scales"]:
         del tree["scales"]
-    return tree, nbytes
+    return tree
 
 
 def array_specs(plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype) -> dict[str, dict]:

@@ -103,6 +103,10 @@ class _PermutedQK:
         x = self._file.get(name)
         return interleaved_to_half(x, self._n_heads) if _VISION_QK.match(name) else x
 
+    def read(self, name: str) -> np.ndarray:
+        x = self._file.read(name)
+        return interleaved_to_half(x, self._n_heads) if _VISION_QK.match(name) else x
+
 
 # ---------------------------------------------------------------------- params.json
 def is_native_dir(path: str | os.PathLike) -> bool:
