@@ -123,7 +123,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     dt = time.perf_counter() - t0
-    say(f"convert: wrote {dst} in {dt:.1f}s ({total / 2**30 / max(dt, 1e-9):.2f} GiB/s read)")
+    say(f"convert: wrote {dst} in {dt:.1f}s ({total / 1e6 / max(dt, 1e-9):.1f} MB/s of source read)")
     return dst
 
 
