@@ -124,9 +124,9 @@ def pixtral_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 
 def pixtral_cos_sin(rows_p: jax.Array, cols_p: jax.Array, inv_freq: jax.Array, dtype):
     """cos/sin [P, head_dim] for rotate-half RoPE: angles [r*f0, r*f2, .., c*f1, c*f3, ..], twice."""
-    quarter = inv_freq.shape[0] // 2
-    ang = jnp.concatenate([rows_p[:, None].astype(jnp.float32) * inv_freq[:quarter],
-                           cols_p[:, None].astype(jnp.float32) * inv_freq[quarter:]], axis=-1)
+    n_rows = (inv_freq.shape[0] + 1) // 2  # as torch.chunk(2): the first part is the larger
+    ang = jnp.concatenate([rows_p[:, None].astype(jnp.float32) * inv_freq[:n_rows],
+                           cols_p[:, None].astype(jnp.float32) * inv_freq[n_rows:]], axis=-1)
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 
