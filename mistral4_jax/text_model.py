@@ -37,7 +37,7 @@ class RMSNorm(nnx.Module):
 
 
 class Mistral4MLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): the shared expert and the dense layers' MLP."""
+    """down(act(gate(x)) * up(x)): the shared expert, the dense layers' MLP and Pixtral's feed-forward."""
 
     def __init__(self, hidden: int, intermediate: int, act: str, dtype, rngs: nnx.Rngs):
         self.gate_proj = linear(hidden, intermediate, dtype, rngs)
