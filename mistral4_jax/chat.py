@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .image_processing import ImageConfig, batch_images, image_token_ids, preprocess, token_grid
+from .image_processing import ImageConfig, batch_images, image_token_ids, preprocess
 
 REASONING_EFFORTS = ("none", "high")
 ROLES = ("system", "user", "assistant", "tool")

@@ -118,22 +118,28 @@ def read_tekken(path: str | os.PathLike) -> tuple[tokenizers.Tokenizer, dict[str
         pattern = cfg["pattern"]
         entries = raw["vocab"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a readable tekken.json (needs 'config.pattern' and 'vocab'): {e!r}") from None
+        raise CheckpointError(f"{path}: not a readable tekken.json (needs 'config.pattern' and 'vocab'): "
+                              f"{e!r}") from None
     declared = sorted(raw.get("special_tokens") or [], key=lambda s: s["rank"])
     if [s["rank"] for s in declared] != list(range(len(declared))):
         raise CheckpointError(f"{path}: special_tokens ranks must be 0, 1, 2, ... without gaps")
     num_special = cfg.get("default_num_special_tokens", len(declared))
     if num_special < len(declared):
         raise CheckpointError(f"{path}: default_num_special_tokens {num_special} < {len(declared)} special_tokens")
-    specials = [s["token_str"] for s in declared] + [SPECIAL_FILLER.format(id=i) for i in range(len(declared), num_special)]
+    specials = [s["token_str"] for s in declared]
+    specials += [SPECIAL_FILLER.format(id=i) for i in range(len(declared), num_special)]
     vocab_size = cfg.get("default_vocab_size")
     if vocab_size is not None:
         entries = entries[: vocab_size - num_special]  # the file may carry more ranks than the model uses
     ranks = {}
     for i, e in enumerate(entries):
-        if e.get("rank", i) != i:
-            raise CheckpointError(f"{path}: vocab entry {i} has rank {e.get('rank')}, expected {i}")
-        ranks[base64.b64decode(e["token_bytes"])] = i
+        try:
+            rank, token = e.get("rank", i), base64.b64decode(e["token_bytes"], validate=True)
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: vocab entry {i} needs base64 'token_bytes': {err!r}") from None
+        if rank != i:
+            raise CheckpointError(f"{path}: vocab entry {i} has rank {rank}, expected {i}")
+        ranks[token] = i
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise CheckpointError(f"{path}: the byte vocabulary lacks {len(missing)} single bytes (e.g. {missing[:3]})")

@@ -174,3 +174,27 @@ def test_parse_output(tok):
     assert plain.content == "Paris." and plain.reasoning is None and not plain.tool_calls and not plain.finished
     unclosed = tok.parse_output([THINK, *e("still thinking")])
     assert unclosed.reasoning == "still thinking" and unclosed.content == ""
+
+
+def test_prompt_fits_the_model_image_layout(tok):
+    """A chat prompt with two images is what the model expects: its [IMG] count equals the merged patch
+    count the model derives from pixel_values / image_sizes (checked without running the model)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mistral4_jax import Mistral3ForConditionalGeneration, ModelConfig
+    from mistral4_jax.model import check_image_tokens
+
+    cfg = ModelConfig.tiny()
+    model = nnx.eval_shape(lambda: Mistral3ForConditionalGeneration(cfg, jnp.float32, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": rng.integers(0, 256, (60, 90, 3), np.uint8)},
+                                         {"type": "image", "image": rng.integers(0, 256, (30, 20, 4), np.uint8)},
+                                         {"type": "text", "text": "Compare."}]}]
+    p = tok.apply_chat_template(msgs, image_config=ImageConfig.from_model_config(cfg))
+    assert p.image_sizes.tolist() == [[84, 112], [56, 28]]  # 60x90 -> 3 rows x 4; 30x20 -> 2 rows x 1
+    layout = model.layout_for(p.pixel_values, p.image_sizes)
+    assert list(layout.tokens_per_image) == [3 * 4, 2 * 1]
+    check_image_tokens(np.asarray([p.input_ids]), cfg.image_token_id, sum(layout.tokens_per_image))
+    with pytest.raises(InputError):
+        check_image_tokens(np.asarray([p.input_ids[:-3]]), cfg.image_token_id, sum(layout.tokens_per_image) + 1)

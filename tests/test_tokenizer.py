@@ -140,6 +140,13 @@ def test_errors(tmp_path, tok):
     (tmp_path / "tekken.json").write_text('{"config": {}}')
     with pytest.raises(CheckpointError, match="tekken.json.*config.pattern"):
         Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tekken.json").write_text('{"config": {"pattern": "."}, "vocab": [{"rank": 0}]}')
+    with pytest.raises(CheckpointError, match="vocab entry 0 needs base64 'token_bytes'"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tekken.json").unlink()
+    (tmp_path / "tokenizer.json").write_text(tok.backend.to_str().replace("[THINK]", "[NOTHINK]"))
+    with pytest.raises(CheckpointError, match=r"lacks the special tokens \['\[THINK\]'\]"):
+        Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(InputError, match="outside the vocabulary"):
         tok.decode([5000])
     with pytest.raises(InputError, match="must be a str"):
