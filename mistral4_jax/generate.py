@@ -58,13 +58,15 @@ def sample_rows(logits_bv, key, step, temperature, top_k, top_p):
 
 
 # ---------------------------------------------------------------------- streaming
-_stream = threading.local()
+# The compiled loop calls one fixed function (so a new callback does not recompile); it runs on a
+# runtime thread, so the current callback sits in a module-level slot guarded by a lock.
+_stream: dict = {"callback": None, "n_rows": 0}
+_stream_lock = threading.Lock()
 
 
 def _stream_dispatch(step, tokens, done_before):
-    cb = getattr(_stream, "callback", None)
+    cb, n = _stream["callback"], _stream["n_rows"]
     if cb is not None:
-        n = _stream.n_rows
         cb(int(step), [None if d else int(t) for t, d in zip(tokens[:n], done_before[:n])])
 
 
@@ -216,13 +218,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         (np.float32(temperature), ()), (np.int32(top_k), ()), (np.float32(top_p), ()),
         (np.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), np.int32), ()), (np.int32(max_new_tokens), ()))]
     lens_a, active_a, key_a, *rest = args
-    _stream.callback, _stream.n_rows = callback, len(prompts)
-    try:
-        out, _ = _generate_core(graphdef, state, embeds, lens_a, active_a, cache, key_a, *rest,
-                                n_new=n_new, chunk=chunk, mesh=mesh, stream=callback is not None)
-        out = np.asarray(jax.device_get(out))
-    finally:
-        _stream.callback = None
+    with _stream_lock:
+        _stream.update(callback=callback, n_rows=len(prompts))
+        try:
+            out, _ = _generate_core(graphdef, state, embeds, lens_a, active_a, cache, key_a, *rest,
+                                    n_new=n_new, chunk=chunk, mesh=mesh, stream=callback is not None)
+            out = np.asarray(jax.device_get(out))
+        finally:
+            _stream["callback"] = None
     return [_trim(row[:max_new_tokens], stop) for row in out[:len(prompts)]]
 
 
