@@ -131,25 +131,27 @@ def _check_int(name, v, lo, hi=None):
         raise InputError(f"{name} must be an integer {rng}, got {v!r}")
 
 
+def validate_ids(ids, vocab_size: int, name: str) -> list[int]:
+    """A non-empty flat list of ints in [0, vocab); the error names the argument and the bad entry."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0:
+        raise InputError(f"{name} is empty or not a flat list of token ids (shape {arr.shape}); "
+                         "it needs at least one token")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        raise InputError(f"{name}[{bad[0]}] = {int(arr[bad[0]])} is outside the vocabulary [0, {vocab_size})")
+    return [int(x) for x in arr]
+
+
 def validate_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
-    """Lists of ints in [0, vocab): refuses an empty batch, an empty prompt, ids outside the vocabulary."""
+    """Refuses an empty batch, an empty prompt and ids outside the vocabulary."""
     if isinstance(prompts, np.ndarray):
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InputError(f"{name} must be a non-empty list of token-id lists")
-    out = []
-    for i, p in enumerate(prompts):
-        arr = np.asarray(p)
-        if arr.ndim != 1 or arr.size == 0:
-            raise InputError(f"{name}[{i}] is empty or not a flat list of token ids (shape {arr.shape}); "
-                             "every prompt needs at least one token")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise InputError(f"{name}[{i}] must hold integer token ids, got dtype {arr.dtype}")
-        bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-        if bad.size:
-            raise InputError(f"{name}[{i}][{bad[0]}] = {int(arr[bad[0]])} is outside the vocabulary [0, {vocab_size})")
-        out.append([int(x) for x in arr])
-    return out
+    return [validate_ids(p, vocab_size, f"{name}[{i}]") for i, p in enumerate(prompts)]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import InputError
-from .generate import _check_int, _pow2, validate_prompts
+from .generate import _check_int, _pow2, validate_ids
 from .sharding import model_mesh, to_global
 
 
@@ -51,8 +51,8 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     for i, r in enumerate(requests):
         if not isinstance(r, (list, tuple)) or len(r) != 2:
             raise InputError(f"requests[{i}] must be a (context_ids, continuation_ids) pair")
-        ctxs += validate_prompts([r[0]], t.vocab_size, f"requests[{i}].context")
-        conts += validate_prompts([r[1]], t.vocab_size, f"requests[{i}].continuation")
+        ctxs.append(validate_ids(r[0], t.vocab_size, f"requests[{i}].context"))
+        conts.append(validate_ids(r[1], t.vocab_size, f"requests[{i}].continuation"))
         n = len(ctxs[-1]) + len(conts[-1])
         if n > t.max_position_embeddings:
             raise InputError(f"requests[{i}]: context + continuation = {n} tokens exceeds the context limit "
@@ -88,7 +88,7 @@ def perplexity(model, tokens: Sequence[int], window: int = 2048, stride: int | N
     context only. Returns {"nll": total negative log-likelihood, "tokens": tokens scored, "ppl"}.
     """
     t = model.config.text
-    tokens = validate_prompts([tokens], t.vocab_size, "tokens")[0]
+    tokens = validate_ids(tokens, t.vocab_size, "tokens")
     _check_int("window", window, 2, t.max_position_embeddings)
     stride = window // 2 if stride is None else stride
     _check_int("stride", stride, 1, window - 1)
