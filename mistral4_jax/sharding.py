@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from .errors import InputError
+
 MESH_AXES = ("data", "expert", "tensor")
 
 _STACK = r"language_model/(dense_)?layers/"
@@ -53,11 +55,11 @@ def make_mesh(expert: int | None = None, *, data: int = 1, tensor: int = 1, devi
     devices = list(jax.devices() if devices is None else devices)
     if expert is None:
         if len(devices) % (data * tensor):
-            raise ValueError(f"make_mesh: {len(devices)} devices do not divide into data={data} x tensor={tensor}")
+            raise InputError(f"make_mesh: {len(devices)} devices do not divide into data={data} x tensor={tensor}")
         expert = len(devices) // (data * tensor)
     n = data * expert * tensor
     if n > len(devices) or n < 1:
-        raise ValueError(f"make_mesh: data={data} x expert={expert} x tensor={tensor} = {n} devices, "
+        raise InputError(f"make_mesh: data={data} x expert={expert} x tensor={tensor} = {n} devices, "
                          f"but {len(devices)} are available")
     return Mesh(np.asarray(devices[:n]).reshape(data, expert, tensor), MESH_AXES)
 
