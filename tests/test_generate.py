@@ -20,7 +20,10 @@ TIE = 1e-4  # a generated token may differ from the reference argmax only on a n
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     ref = R.build(R.hf_config(), seed=61)
-    return ref, from_pretrained(R.save(ref, tmp_path_factory.mktemp("gen")), dtype="float32")
+    path = R.save(ref, tmp_path_factory.mktemp("gen"))
+    jm = from_pretrained(path, dtype="float32")
+    jm.path = str(path)
+    return ref, jm
 
 
 def _assert_teacher_forced(ref, prompt, new, px=None, isz=None):
@@ -35,7 +38,7 @@ def test_greedy_equals_teacher_forced_argmax_past_original_max(pair):
     ref, jm = pair
     g = np.random.default_rng(62)
     prompts = [g.integers(20, 256, n).tolist() for n in (3, 20, 30)]
-    out = generate(jm, prompts, max_new_tokens=14, stop_tokens=[])
+    out = generate(jm, prompts, max_new_tokens=14, stop_tokens=[], prefill_chunk=8)  # 4 prefill chunks
     assert [len(o) for o in out] == [14, 14, 14]
     for p, o in zip(prompts, out):
         _assert_teacher_forced(ref, p, o)
@@ -129,3 +132,79 @@ def test_bad_input_is_refused_before_compiling(pair, kwargs, message):
         generate(jm, **kwargs)
     assert message in str(e.value)
     assert _generate_core._cache_size() == n
+
+
+def test_absorbed_attention_equals_expanded():
+    """Spec 3.3.6: folding W_UK into the query and W_UV after the softmax is the same function."""
+    from mistral4_jax import ops
+
+    g = np.random.default_rng(64)
+    b, t, s, h, n, r, c, v = 2, 3, 7, 4, 8, 6, 16, 5
+    q_nope, q_pe = g.standard_normal((b, t, h, n)), g.standard_normal((b, t, h, r))
+    w_uk, w_uv = g.standard_normal((c, h, n)), g.standard_normal((c, h, v))
+    c_kv, k_pe = g.standard_normal((b, s, c)), g.standard_normal((b, s, r))
+    pos = np.asarray([[4, 5, 6], [0, 1, 2]])
+    mask = ops.causal_mask(jnp.asarray(pos), jnp.broadcast_to(jnp.arange(s), (b, s)))
+    k = np.concatenate([np.einsum("bsc,chn->bshn", c_kv, w_uk), np.broadcast_to(k_pe[:, :, None], (b, s, h, r))], -1)
+    want = ops.attention(jnp.asarray(np.concatenate([q_nope, q_pe], -1), jnp.float32), jnp.asarray(k, jnp.float32),
+                         jnp.asarray(np.einsum("bsc,chv->bshv", c_kv, w_uv), jnp.float32), mask, 0.3)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    got = ops.mla_absorbed_attention(f32(q_nope), f32(q_pe), f32(w_uk), f32(w_uv), f32(c_kv), f32(k_pe), mask, 0.3)
+    assert R.rel_err(got, want) < 1e-5
+
+
+def test_compiled_decode_does_not_grow_with_depth():
+    """The layer stack is one scanned body: the program for 36 layers is the program for 4."""
+    from flax import nnx
+
+    from mistral4_jax import decode
+    from mistral4_jax.config import ModelConfig
+    from mistral4_jax.loading import abstract_model
+
+    sizes = []
+    for depth in (4, 36):
+        cfg = ModelConfig.tiny(num_hidden_layers=depth)
+        gd, st = nnx.split(abstract_model(cfg, jnp.float32))
+        t = cfg.text
+        cache = decode.Cache(jax.ShapeDtypeStruct((depth, 2, 64, t.kv_lora_rank), jnp.float32),
+                             jax.ShapeDtypeStruct((depth, 2, 64, t.qk_rope_head_dim), jnp.float32))
+        step = jax.jit(lambda s, x, p, c, gd=gd: decode.forward_cached(nnx.merge(gd, s), x, p, c))
+        text = step.lower(st, jax.ShapeDtypeStruct((2, 1, t.hidden_size), jnp.float32),
+                          jax.ShapeDtypeStruct((2, 1), jnp.int32), cache).as_text()
+        sizes.append(len(text.replace(str(depth), "")))
+    assert sizes[1] < 1.02 * sizes[0]
+
+
+def test_jitted_decode_is_5x_transformers_generate(pair):
+    """Same weights, same prompts, same run; the full figures are in bench/bench_decode.py."""
+    import time
+
+    import torch
+
+    ref, jm = pair
+    prompts = [[1, 50, 60, 61], [1, 70, 80, 90]]
+    generate(jm, prompts, max_new_tokens=8, stop_tokens=[])  # compiled by the tests above; warm it anyway
+    t0 = time.perf_counter()
+    generate(jm, prompts, max_new_tokens=8, stop_tokens=[])
+    ours = time.perf_counter() - t0
+    ids = torch.as_tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                     do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = time.perf_counter() - t0
+    assert theirs >= 5 * ours, (theirs, ours)
+
+
+def test_cli_generate_prints_the_generations(pair, capsys):
+    import json
+
+    from mistral4_jax.cli import main
+
+    _, jm = pair
+    assert main(["generate", "--model", jm.path, "--dtype", "float32", "--ids", "1,50,60", "--ids", "1,70,80,90",
+                 "--max-new-tokens", "8", "--stop", ""]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["outputs"] == generate(jm, [[1, 50, 60], [1, 70, 80, 90]], max_new_tokens=8, stop_tokens=[])
+    assert main(["generate", "--model", jm.path, "--ids", "1,2,999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err

@@ -15,7 +15,10 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     ref = R.build(R.hf_config(with_vision=False), seed=71)
-    return ref, from_pretrained(R.save(ref, tmp_path_factory.mktemp("score")), dtype="float32")
+    path = R.save(ref, tmp_path_factory.mktemp("score"))
+    jm = from_pretrained(path, dtype="float32")
+    jm.path = str(path)
+    return ref, jm
 
 
 def _ref_logp(ref, ids):
@@ -71,3 +74,22 @@ def test_bad_requests_are_refused(pair, requests, message):
     with pytest.raises(InputError) as e:
         score(pair[1], requests)
     assert message in str(e.value)
+
+
+def test_cli_eval_scores_a_jsonl_file(pair, tmp_path, capsys):
+    import json
+
+    from mistral4_jax.cli import main
+
+    ref, jm = pair
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"context": [1, 2, 3], "continuation": [4, 5]}\n\n{"text": [1, 9, 8, 7, 6, 5, 4]}\n')
+    assert main(["eval", "--model", jm.path, "--dtype", "float32", "--data", str(data), "--window", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want, _ = _ref_logp(ref, [1, 2, 3, 4, 5])
+    assert out["loglikelihood"][0]["line"] == 1
+    assert abs(out["loglikelihood"][0]["logprob"] - want[2:].sum()) < TOL * abs(want[2:].sum())
+    assert out["perplexity"]["tokens"] == 6 and out["perplexity"]["texts"][0]["line"] == 3
+    data.write_text('{"context": [1], "oops": [2]}\n')
+    assert main(["eval", "--model", jm.path, "--data", str(data)]) == 2
+    assert "data.jsonl:1" in capsys.readouterr().err
