@@ -150,6 +150,18 @@ class Mistral4Attention(nnx.Module):
         o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
+    def attend_latent(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
+        """`attend` in the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after attention.
+
+        Reads the latent cache (c_kv [B, S, kv_lora_rank], k_pe [B, S, rope]) once for all heads."""
+        c = self.cfg
+        w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads,
+                                                c.qk_nope_head_dim + c.v_head_dim)
+        o = ops.mla_absorbed_attention(q_bthd[..., : c.qk_nope_head_dim], q_bthd[..., c.qk_nope_head_dim:],
+                                       w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:],
+                                       c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
     def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts)
