@@ -158,7 +158,7 @@ def _path_shardings(tree, mesh: Mesh):
     """Each leaf sharded by the parameter rule of its path (adapters use their weight's path)."""
 
     def one(kp, x):
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
+        keys = [str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey)]  # not Variable's `.value`
         path = next((k for k in keys if "/" in k), "/".join(keys))  # adapter dicts are keyed by param path
         return shard_lib.param_sharding(path, tuple(x.shape), mesh)
 
