@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..errors import InputError
+
 # Target group -> regex on the parameter path. Only decoder-layer weights are targeted.
 TARGETS: dict[str, str] = {
     "attention": r"language_model/(dense_)?layers/self_attn/(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"
@@ -44,10 +46,10 @@ class LoRAConfig:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise InputError(f"LoRA rank must be >= 1, got {self.rank}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {sorted(TARGETS)}, got {list(self.targets)}")
+            raise InputError(f"LoRA targets must be a non-empty subset of {sorted(TARGETS)}, got {list(self.targets)}")
 
     @property
     def scale(self) -> float:
@@ -92,7 +94,7 @@ def init_adapters(params: nnx.State, cfg: LoRAConfig, key: jax.Array, dtype=jnp.
         a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, cfg.rank), dtype) / jnp.sqrt(d_in)
         out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, d_out), dtype)}
     if not out:
-        raise ValueError(f"LoRA targets {list(cfg.targets)} match no parameter of this model")
+        raise InputError(f"LoRA targets {list(cfg.targets)} match no parameter of this model")
     return out
 
 

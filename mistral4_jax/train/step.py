@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import moe
+from ..errors import InputError
 from .. import sharding as shard_lib
 from ..config import TextConfig
 from .lora import LoRAConfig, apply_adapters
@@ -50,7 +51,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.max_len < 2:
-            raise ValueError("steps and batch_size must be >= 1 and max_len >= 2, got "
+            raise InputError("steps and batch_size must be >= 1 and max_len >= 2, got "
                              f"steps={self.steps}, batch_size={self.batch_size}, max_len={self.max_len}")
 
     @property
