@@ -16,7 +16,7 @@ from mistral4_jax.config import ModelConfig
 from mistral4_jax.model import Mistral3ForConditionalGeneration
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, load_examples, tokenize_record
-from mistral4_jax.train.data import BOS, EOS, END_INST, INST, Example
+from mistral4_jax.train.data import BOS, EOS, END_INST, INST, make_batch
 
 CFG = ModelConfig.tiny(vocab_size=256).replace(vision=None)
 
@@ -167,3 +167,40 @@ def test_cli_finetune_writes_a_loadable_model_and_a_log(tmp_path, capsys):
         assert main(["finetune", "--model", str(tmp_path / "m"), "--data", str(_write(tmp_path / "e.jsonl", [])),
                      "--steps", "1", "--out", str(tmp_path / "o2")]) == 2
     assert "dataset is empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- options
+def test_load_balancing_loss_by_arithmetic():
+    from mistral4_jax.train.step import load_balancing_loss
+
+    cfg = ModelConfig.tiny(n_routed_experts=4, num_experts_per_tok=1).text
+    big = 30.0  # softmax of a one-hot * 30 is one-hot to float32 precision
+    balanced = jnp.eye(4)[None] * big  # token t -> expert t: f = P = 1/4 each -> 4 * 4 * 1/16 = 1 = top_k
+    skewed = jnp.tile(jnp.eye(4)[:1], (4, 1))[None] * big  # every token -> expert 0: f_0 = P_0 = 1 -> E = 4
+    valid = jnp.ones(4)
+    assert abs(float(load_balancing_loss(balanced, valid, cfg)) - 1.0) < 1e-5
+    assert abs(float(load_balancing_loss(skewed, valid, cfg)) - 4.0) < 1e-5
+    # padded tokens do not count: only token 0 (expert 0) is valid -> f_0 = P_0 = 1
+    assert abs(float(load_balancing_loss(balanced, jnp.asarray([1.0, 0, 0, 0]), cfg)) - 4.0) < 1e-5
+
+
+def test_remat_bf16_and_aux_loss_options(tmp_path):
+    from mistral4_jax.train.step import loss_fn, prepare_model
+
+    batch = {k: jnp.asarray(v) for k, v in make_batch(_examples(), 0, 4, 16, 0).items()}
+    grads = []
+    for remat in (False, True):
+        cfg = TrainConfig(steps=1, remat=remat, router_aux_weight=0.1)
+        graphdef, params = nnx.split(prepare_model(_model(), cfg), nnx.Param)
+        (loss, (ce, aux, _)), g = jax.jit(jax.value_and_grad(
+            lambda p: loss_fn(p, None, batch, graphdef, cfg), has_aux=True))(params)
+        assert 2.0 <= float(aux) <= 8.0  # between top_k (balanced) and E (collapsed)
+        assert abs(float(loss) - float(ce) - 0.1 * float(aux)) < 1e-5
+        grads.append(g)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(grads[0]), nnx.to_flat_state(grads[1])):
+        assert R.rel_err(b.get_value(), a.get_value()) < 1e-5, path  # remat recomputes, same gradients
+    cfg = TrainConfig(steps=2, param_dtype="bfloat16", batch_size=4, max_len=16)
+    tr = Trainer(Mistral3ForConditionalGeneration(CFG, jnp.bfloat16, rngs=nnx.Rngs(0)), _examples(), cfg, tmp_path)
+    tr.train_step()
+    assert {x.dtype for x in jax.tree.leaves(tr.state["trainable"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
