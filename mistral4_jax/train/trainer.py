@@ -29,7 +29,8 @@ from ..errors import InputError
 from ..saving import save_pretrained
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
-from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model
+from .step import (TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model,
+                   state_shardings)
 
 
 def _run_config(cfg: TrainConfig) -> dict:
@@ -57,7 +58,6 @@ class Trainer:
         state = init_state(trainable, self.tx)
         self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
         if mesh is not None:
-            from .step import state_shardings
             state = jax.device_put(state, state_shardings(state, self.tx, mesh))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
