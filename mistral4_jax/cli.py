@@ -187,6 +187,59 @@ def run_eval(args) -> int:
         import math
         out["perplexity"] = {"texts": per, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
     print(json.dumps(out))
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on a JSONL dataset",
+                       description="Trains with AdamW (warmup + cosine schedule, global-norm clipping) on "
+                                   "JSONL lines {\"messages\": [...]} (assistant turns trained), {\"text\": ...} or "
+                                   "{\"ids\": [...]}; writes Orbax checkpoints, a loss log and the fine-tuned model "
+                                   "(LoRA merged) to --out, which loads with from_pretrained. Rerunning with the same "
+                                   "--out resumes from the latest checkpoint.")
+    p.add_argument("--model", required=True, help="HF-layout checkpoint directory")
+    p.add_argument("--data", required=True, help="JSONL training data")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, train_log.jsonl, the model)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    p.add_argument("--lora-targets", default="attention",
+                   help="comma-separated: attention, shared_experts, experts, dense_mlp (default attention)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=512, help="longer sequences are truncated, with a warning")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps, at most 100")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping (0: off)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype (the optimizer state is float32 either way)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
+    p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps")
+    p.add_argument("--mesh", action="store_true", help="shard over all devices (experts split, batch split)")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> int:
+    from .train import LoRAConfig, TrainConfig, finetune
+
+    lora = None
+    if args.lora_rank:
+        lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                          targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                      clip_norm=args.clip_norm, batch_size=args.batch_size, max_len=args.max_len, remat=args.remat,
+                      param_dtype=args.dtype, router_aux_weight=args.router_aux_weight, lora=lora, seed=args.seed)
+    mesh = None
+    if args.mesh:
+        from .sharding import make_mesh
+        mesh = make_mesh()
+    try:
+        finetune(args.model, args.data, args.out, cfg, mesh=mesh, save_every=args.save_every)
+    except KeyboardInterrupt:
+        print(f"interrupted: the train state is saved in {args.out}/checkpoints; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -196,6 +249,7 @@ def main(argv=None) -> int:
     add_demo(sub)
     add_generate(sub)
     add_eval(sub)
+    add_finetune(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

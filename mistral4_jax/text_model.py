@@ -85,11 +85,14 @@ class Mistral4MoE(nnx.Module):
         self.experts = Mistral4Experts(cfg, dtype, rngs)
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
+        self.keep_router_logits = False  # training sets it to read the logits back (load-balancing loss)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         b, t, d = x_btd.shape
         x_th = x_btd.reshape(b * t, d)
-        _, w, idx = self.gate(x_th)
+        logits, w, idx = self.gate(x_th)
+        if self.keep_router_logits:
+            self.router_logits = nnx.Intermediate(logits)
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_btd)
@@ -193,14 +196,21 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_layers(stack: nnx.Module, x, fn: Callable):
-    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body)."""
+def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False):
+    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body).
+
+    remat: recompute each layer's activations in the backward pass (`jax.checkpoint` of the body).
+    `nnx.Intermediate` values a layer stores come back stacked on the stack module.
+    """
     graphdef, state = nnx.split(stack)
 
     def body(carry, layer_state):
-        return fn(nnx.merge(graphdef, layer_state), carry), None
+        layer = nnx.merge(graphdef, layer_state)
+        return fn(layer, carry), nnx.state(layer, nnx.Intermediate)
 
-    out, _ = jax.lax.scan(body, x, state)
+    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
+    if len(sown):
+        nnx.update(stack, sown)
     return out
 
 
@@ -217,6 +227,7 @@ class Mistral4Model(nnx.Module):
         n = cfg.num_moe_layers
         self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.remat = False  # training sets it: rematerialise each decoder layer in the backward pass
 
     def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
         c = self.cfg
@@ -232,7 +243,7 @@ class Mistral4Model(nnx.Module):
         x = inputs_embeds_btd
         for stack in (self.dense_layers, self.layers):
             if stack is not None:
-                x = scan_layers(stack, x, layer_fn)
+                x = scan_layers(stack, x, layer_fn, self.remat)
         return self.norm(x)
 
 
