@@ -1,12 +1,18 @@
 """mistral4_jax: Mistral Small 4 (mistralai/Mistral-Small-4-119B-2603) in JAX / Flax NNX."""
 
+from .chat import apply_chat_template, parse_output
 from .config import ModelConfig, QuantConfig, RopeConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ConfigError, InputError, Mistral4Error
+from .generate import generate
+from .image_processing import ImageConfig
 from .loading import from_pretrained
 from .model import Mistral3ForConditionalGeneration
+from .score import perplexity, score
+from .tokenizer import Tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InputError", "Mistral3ForConditionalGeneration", "Mistral4Error",
-    "ModelConfig", "QuantConfig", "RopeConfig", "TextConfig", "VisionConfig", "from_pretrained",
+    "CheckpointError", "ConfigError", "ImageConfig", "InputError", "Mistral3ForConditionalGeneration", "Mistral4Error",
+    "ModelConfig", "QuantConfig", "RopeConfig", "TextConfig", "Tokenizer", "VisionConfig", "apply_chat_template",
+    "from_pretrained", "generate", "parse_output", "perplexity", "score",
 ]
 __version__ = "0.1.0"

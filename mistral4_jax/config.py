@@ -259,7 +259,7 @@ def validate(cfg: ModelConfig) -> None:
     if v is not None:
         need(v.hidden_size % v.num_attention_heads == 0,
              f"vision_config.num_attention_heads ({v.num_attention_heads}) must divide hidden_size ({v.hidden_size})")
-        need(v.head_dim % 4 == 0, f"vision_config head_dim ({v.head_dim}) must be a multiple of 4 (2D RoPE)")
+        need(v.head_dim % 2 == 0, f"vision_config head_dim ({v.head_dim}) must be even (RoPE rotates pairs)")
         need(v.hidden_act in ACTIVATIONS, f"vision_config.hidden_act {v.hidden_act!r} is not one of {ACTIVATIONS}")
         need(v.patch_size > 0 and v.image_size >= v.patch_size, "vision_config: patch_size must be in (0, image_size]")
         need(cfg.projector_hidden_act in ACTIVATIONS,

@@ -78,6 +78,46 @@ RULES: list[tuple[str, str, str, str]] = [
 ]
 _COMPILED = [(part, re.compile(rx + r"$"), target, kind) for part, rx, target, kind in RULES]
 
+# The inverse, for writing (transformers 5 names): module-tree prefix -> HF prefix. The tree mirrors the
+# HF names, so below a prefix only the layer index and the leaf name (and layout) change.
+EXPORT_PREFIXES = [("language_model/", "model.language_model."), ("lm_head/", "lm_head."),
+                   ("vision_tower/", "model.vision_tower."),
+                   ("multi_modal_projector/", "model.multi_modal_projector.")]
+TEXT_ONLY_EXPORT_PREFIXES = [("language_model/", "model."), ("lm_head/", "lm_head.")]
+
+
+def hf_tensor_name(path: str, layer: int | None, cfg: ModelConfig) -> tuple[str, str]:
+    """(HF tensor name, kind) of parameter `path` (layer `layer` of a stacked one); kind as in RULES."""
+    prefixes = EXPORT_PREFIXES if cfg.vision is not None else TEXT_ONLY_EXPORT_PREFIXES
+    head, hf = next((a, b) for a, b in prefixes if path.startswith(a))
+    rest = path[len(head):]
+    if layer is not None:
+        stack, rest = re.match(r"(.*?)(?:dense_layers|layers)/(.*)$", rest).groups()
+        k = cfg.text.first_k_dense_replace if "/layers/" in path and path.startswith("language_model/") else 0
+        rest = f"{stack}layers/{layer + k}/{rest}"
+    parts = rest.split("/")
+    leaf = parts[-1]
+    if leaf in ("gate_up_proj", "down_proj") and parts[:-1][-1:] == ["experts"]:
+        kind = "experts"
+    elif leaf == "kernel":
+        kind, parts[-1] = ("conv" if parts[:-1][-1:] == ["patch_conv"] else "linear"), "weight"
+    elif leaf == "embedding":
+        kind, parts[-1] = "copy", "weight"
+    else:
+        kind = "copy"
+    return hf + ".".join(parts), kind
+
+
+def to_hf_layout(kind: str, x: np.ndarray) -> np.ndarray:
+    """Our layout -> the on-disk one (the inverse of `_slot_value`'s transforms)."""
+    if kind == "linear":
+        return x.T
+    if kind == "conv":  # [p, p, C, D] -> [D, C, p, p]
+        return np.transpose(x, (3, 2, 0, 1))
+    if kind == "experts":  # [E, in, out] -> [E, out, in]
+        return np.swapaxes(x, 1, 2)
+    return x
+
 
 @dataclass(frozen=True)
 class Piece:

@@ -106,6 +106,27 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts:
     return jnp.einsum("bhts,bshd->bthd", probs, v_bshd)
 
 
+def mla_absorbed_attention(q_nope_bthn: jax.Array, q_pe_bthr: jax.Array, w_uk_chn: jax.Array,
+                           w_uv_chv: jax.Array, c_kv_bsc: jax.Array, k_pe_bsr: jax.Array,
+                           mask_bts: jax.Array, scale: float) -> jax.Array:
+    """MLA attention against the latent cache, keys and values never expanded (spec 3.3.6).
+
+    With W_UK [C, H, N] and W_UV [C, H, V] the per-head blocks of kv_b_proj (C = kv_lora_rank):
+      score[b,h,t,s] = ((W_UK^T q_nope)[b,t,h] . c[b,s] + q_pe[b,t,h] . k_pe[b,s]) * scale
+      out[b,t,h]     = W_UV (sum_s softmax(score)[b,h,t,s] c[b,s])                      -> [B, T, H, V]
+    which equals the expanded form exactly in real arithmetic. The softmax is fp32; rows with no
+    allowed key give zeros.
+    """
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope_bthn, w_uk_chn)
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv_bsc) + jnp.einsum("bthr,bsr->bhts", q_pe_bthr, k_pe_bsr))
+    scores = scores.astype(jnp.float32) * jnp.float32(scale)
+    m = mask_bts[:, None]
+    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(c_kv_bsc.dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv_bsc)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv_chv)
+
+
 def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array,
                 k_valid_bs: jax.Array | None = None) -> jax.Array:
     """[B, T, S] True where key position <= query position (and the key is a real token)."""
@@ -124,9 +145,9 @@ def pixtral_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 
 def pixtral_cos_sin(rows_p: jax.Array, cols_p: jax.Array, inv_freq: jax.Array, dtype):
     """cos/sin [P, head_dim] for rotate-half RoPE: angles [r*f0, r*f2, .., c*f1, c*f3, ..], twice."""
-    quarter = inv_freq.shape[0] // 2
-    ang = jnp.concatenate([rows_p[:, None].astype(jnp.float32) * inv_freq[:quarter],
-                           cols_p[:, None].astype(jnp.float32) * inv_freq[quarter:]], axis=-1)
+    n_rows = (inv_freq.shape[0] + 1) // 2  # as torch.chunk(2): the first part is the larger
+    ang = jnp.concatenate([rows_p[:, None].astype(jnp.float32) * inv_freq[:n_rows],
+                           cols_p[:, None].astype(jnp.float32) * inv_freq[n_rows:]], axis=-1)
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 

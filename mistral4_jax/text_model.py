@@ -37,7 +37,7 @@ class RMSNorm(nnx.Module):
 
 
 class Mistral4MLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): the shared expert and the dense layers' MLP."""
+    """down(act(gate(x)) * up(x)): the shared expert, the dense layers' MLP and Pixtral's feed-forward."""
 
     def __init__(self, hidden: int, intermediate: int, act: str, dtype, rngs: nnx.Rngs):
         self.gate_proj = linear(hidden, intermediate, dtype, rngs)
@@ -85,11 +85,14 @@ class Mistral4MoE(nnx.Module):
         self.experts = Mistral4Experts(cfg, dtype, rngs)
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
+        self.keep_router_logits = False  # training sets it to read the logits back (load-balancing loss)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         b, t, d = x_btd.shape
         x_th = x_btd.reshape(b * t, d)
-        _, w, idx = self.gate(x_th)
+        logits, w, idx = self.gate(x_th)
+        if self.keep_router_logits:
+            self.router_logits = nnx.Intermediate(logits)
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_btd)
@@ -150,6 +153,18 @@ class Mistral4Attention(nnx.Module):
         o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
+    def attend_latent(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
+        """`attend` in the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after attention.
+
+        Reads the latent cache (c_kv [B, S, kv_lora_rank], k_pe [B, S, rope]) once for all heads."""
+        c = self.cfg
+        w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads,
+                                                c.qk_nope_head_dim + c.v_head_dim)
+        o = ops.mla_absorbed_attention(q_bthd[..., : c.qk_nope_head_dim], q_bthd[..., c.qk_nope_head_dim:],
+                                       w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:],
+                                       c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
     def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts)
@@ -181,14 +196,21 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_layers(stack: nnx.Module, x, fn: Callable):
-    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body)."""
+def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False):
+    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body).
+
+    remat: recompute each layer's activations in the backward pass (`jax.checkpoint` of the body).
+    `nnx.Intermediate` values a layer stores come back stacked on the stack module.
+    """
     graphdef, state = nnx.split(stack)
 
     def body(carry, layer_state):
-        return fn(nnx.merge(graphdef, layer_state), carry), None
+        layer = nnx.merge(graphdef, layer_state)
+        return fn(layer, carry), nnx.state(layer, nnx.Intermediate)
 
-    out, _ = jax.lax.scan(body, x, state)
+    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
+    if len(sown):
+        nnx.update(stack, sown)
     return out
 
 
@@ -205,6 +227,7 @@ class Mistral4Model(nnx.Module):
         n = cfg.num_moe_layers
         self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.remat = False  # training sets it: rematerialise each decoder layer in the backward pass
 
     def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
         c = self.cfg
@@ -220,7 +243,7 @@ class Mistral4Model(nnx.Module):
         x = inputs_embeds_btd
         for stack in (self.dense_layers, self.layers):
             if stack is not None:
-                x = scan_layers(stack, x, layer_fn)
+                x = scan_layers(stack, x, layer_fn, self.remat)
         return self.norm(x)
 
 

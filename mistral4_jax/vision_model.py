@@ -18,7 +18,7 @@ from flax import nnx
 from . import ops
 from .config import VisionConfig
 from .errors import InputError
-from .text_model import RMSNorm, linear, scan_layers, stack_layers
+from .text_model import Mistral4MLP, RMSNorm, linear, scan_layers, stack_layers
 
 _EPS = 1e-5  # Pixtral's norms hard-code 1e-5 (spec 3.2)
 
@@ -85,23 +85,12 @@ class PixtralAttention(nnx.Module):
         return self.o_proj(o[0].reshape(p, -1))
 
 
-class PixtralMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
-        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x):
-        return self.down_proj(ops.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
-
-
 class PixtralAttentionLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
         self.attention_norm = RMSNorm(cfg.hidden_size, _EPS, dtype)
         self.attention = PixtralAttention(cfg, dtype, rngs)
         self.ffn_norm = RMSNorm(cfg.hidden_size, _EPS, dtype)
-        self.feed_forward = PixtralMLP(cfg, dtype, rngs)
+        self.feed_forward = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs)
 
     def __call__(self, x, cos, sin, mask_pp):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask_pp)

@@ -154,9 +154,10 @@ def test_grouped_expert_path_equals_reference_path():
 
 
 @pytest.mark.parametrize("case", ["n_group", "dense_first_layer", "no_q_lora", "fp8_fused", "fp8_per_expert",
-                                  "transformers_prefix", "per_expert_sharded", "text_only", "dense_impl"])
+                                  "transformers_prefix", "per_expert_sharded", "text_only", "dense_impl",
+                                  "vision_feature_layer", "vision_odd_rope_half"])
 def test_variants_match_reference(case, tmp_path):
-    text, save_kw, load_kw, with_vision = {}, {}, {}, True
+    text, save_kw, load_kw, with_vision, vision, top = {}, {}, {}, True, {}, {}
     if case == "n_group":
         text = dict(n_group=4, topk_group=2, n_routed_experts=8, num_experts_per_tok=3, routed_scaling_factor=2.5)
     elif case == "dense_first_layer":
@@ -175,12 +176,16 @@ def test_variants_match_reference(case, tmp_path):
         with_vision = False
     elif case == "dense_impl":
         load_kw = dict(expert_impl="dense")
-    ref = R.build(R.hf_config(text=text, with_vision=with_vision), seed=11)
+    elif case == "vision_feature_layer":  # features from the second of three vision blocks
+        vision, top = dict(num_hidden_layers=3), dict(vision_feature_layer=-2)
+    elif case == "vision_odd_rope_half":  # head_dim 6: 3 frequencies, split 2 (rows) + 1 (columns)
+        vision = dict(hidden_size=24, num_attention_heads=4)
+    ref = R.build(R.hf_config(text=text, vision=vision, with_vision=with_vision, **top), seed=11)
     path = R.save(ref, tmp_path, **save_kw)
     jm = from_pretrained(path, dtype="float32", **load_kw)
     _check_logits(ref, jm, np.random.default_rng(12).integers(0, 256, (2, 45)))
     if with_vision:
-        sizes = [(28, 84)]
+        sizes = [(28, 84), (50, 70)]  # 50 x 70: a 3 x 5 patch grid, whose odd row/column the merger drops
         px, isz = R.pixel_batch(sizes, seed=13)
         _check_logits(ref, jm, np.asarray([R.image_prompt(sizes)]), px, isz)
 

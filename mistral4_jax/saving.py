@@ -1,0 +1,73 @@
+"""`save_pretrained`: a parameter tree -> an HF-layout checkpoint directory that `from_pretrained` reads.
+
+Names come from the inverse of the loader's rename table (`loading.hf_tensor_name`), in the
+transformers 5 spelling (`model.language_model.*`, `lm_head.*`, ...), so the directory also loads in
+transformers. Tensors are written unquantised, in the parameters' dtype, in shards of at most
+`shard_bytes`; files are written under temporary names and renamed last, so a crash leaves no
+directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from .config import ModelConfig
+from .loading import _is_stacked, hf_tensor_name, to_hf_layout
+
+
+def hf_tensors(params: nnx.State, cfg: ModelConfig):
+    """Yield (HF name, numpy array in the on-disk layout) for every parameter; stacked ones per layer."""
+    for p, v in nnx.to_flat_state(params):
+        path = "/".join(map(str, p))
+        x = v.get_value() if isinstance(v, nnx.Variable) else v
+        x = np.asarray(jax.device_get(x))
+        layers = range(x.shape[0]) if _is_stacked(path) else [None]
+        for layer in layers:
+            name, kind = hf_tensor_name(path, layer, cfg)
+            yield name, np.ascontiguousarray(to_hf_layout(kind, x if layer is None else x[layer]))
+
+
+def save_pretrained(params: nnx.State, cfg: ModelConfig, path: str | os.PathLike,
+                    shard_bytes: int = 4 << 30) -> Path:
+    """Write `params` (the `nnx.Param` state of a `Mistral3ForConditionalGeneration`) and `cfg` to `path`.
+
+    Writes `config.json` (without `quantization_config`: the weights are not FP8 any more), and
+    `model.safetensors` or `model-XXXXX-of-YYYYY.safetensors` + `model.safetensors.index.json`.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, x in hf_tensors(params, cfg):
+        if size and size + x.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    written = []
+    for fname, tensors in zip(names, shards):
+        tmp = out / (fname + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, out / fname))
+    files = {"config.json": json.dumps(cfg.replace(quantization=None).to_hf_dict(), indent=2)}
+    if n > 1:
+        weight_map = {k: f for f, t in zip(names, shards) for k in t}
+        files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    for fname, text in files.items():
+        tmp = out / (fname + ".tmp")
+        tmp.write_text(text)
+        written.append((tmp, out / fname))
+    for tmp, final in written:
+        os.replace(tmp, final)
+    return out

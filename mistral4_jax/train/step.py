@@ -1,0 +1,194 @@
+"""The loss, the optimizer and the jitted, sharded train step.
+
+The model is split once into a static graph and a parameter tree (`nnx.split`); the loss merges
+them inside the traced function, so the step is a pure function of arrays:
+
+    state = {"trainable": params or LoRA adapters, "opt_state": ..., "step": int32 []}
+    new_state, metrics = step_fn(state, frozen, batch)
+
+`frozen` is the base parameter tree when training LoRA adapters (no gradient, no optimizer state),
+else None. Parameters keep their dtype (bf16 or fp32); gradients, the optimizer state and the update
+are float32, and the updated value is rounded back to the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .. import moe
+from ..errors import InputError
+from .. import sharding as shard_lib
+from ..config import TextConfig
+from .lora import LoRAConfig, apply_adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a run (all of them are checked on resume)."""
+
+    steps: int
+    lr: float = 1e-4
+    warmup_steps: int | None = None  # None: 10% of the steps, at most 100
+    end_lr_ratio: float = 0.1  # cosine decay from lr to lr * end_lr_ratio at the last step
+    weight_decay: float = 0.0  # AdamW decoupled decay, on matrices only (not norms, biases)
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0  # global gradient-norm clipping (0: off)
+    batch_size: int = 8
+    max_len: int = 512
+    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    param_dtype: str = "float32"  # "bfloat16": bf16 parameters, fp32 optimizer state
+    router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
+    lora: LoRAConfig | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.max_len < 2:
+            raise InputError("steps and batch_size must be >= 1 and max_len >= 2, got "
+                             f"steps={self.steps}, batch_size={self.batch_size}, max_len={self.max_len}")
+
+    @property
+    def warmup(self) -> int:
+        return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+
+# ---------------------------------------------------------------------- losses
+def masked_cross_entropy(logits_btv: jax.Array, input_ids_bt: jax.Array, targets_bt: jax.Array):
+    """Mean next-token cross-entropy over target tokens: (loss, number of targets).
+
+    loss = sum_{b,t>0: targets[b,t]} -log softmax(logits[b, t-1])[ids[b, t]] / #targets, in float32.
+    """
+    logits = logits_btv[:, :-1].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, input_ids_bt[:, 1:])
+    w = targets_bt[:, 1:].astype(jnp.float32)
+    n = w.sum()
+    return (nll * w).sum() / jnp.maximum(n, 1.0), n
+
+
+def load_balancing_loss(router_logits_lte: jax.Array, valid_t: jax.Array, cfg: TextConfig) -> jax.Array:
+    """E * sum_e f_e * P_e, averaged over layers (the Switch / Mixtral form), over valid tokens.
+
+    f_e: routed (token, slot) pairs that go to expert e per token (sums to top_k, from the model's own
+    group-limited top-k); P_e: the mean router softmax probability of e. Balanced routing gives top_k.
+    Only P carries a gradient.
+    """
+    e, w = router_logits_lte.shape[-1], valid_t.astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+
+    def one_layer(logits_te):
+        _, idx = moe.route(logits_te, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                           norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+        f = (jax.nn.one_hot(idx, e).sum(1) * w[:, None]).sum(0) / n
+        p = (jax.nn.softmax(logits_te.astype(jnp.float32), -1) * w[:, None]).sum(0) / n
+        return e * jnp.sum(f * p)
+
+    return jax.vmap(one_layer)(router_logits_lte).mean()
+
+
+def prepare_model(model: nnx.Module, cfg: TrainConfig) -> nnx.Module:
+    """Set the training switches on the model (remat; router logits kept for the aux loss)."""
+    lm = model.language_model
+    lm.remat = cfg.remat
+    if lm.layers is not None:
+        lm.layers.mlp.keep_router_logits = cfg.router_aux_weight > 0
+    return model
+
+
+def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
+    """(total loss, (cross-entropy, aux loss, #targets)) of one batch.
+
+    images: optional (pixel_values, image_sizes) for image data (host values; not jitted here).
+    """
+    params = trainable if cfg.lora is None else apply_adapters(frozen, trainable, cfg.lora.scale)
+    model = nnx.merge(graphdef, params)
+    pixels, sizes = images if images is not None else (None, None)
+    logits = model(batch["input_ids"], pixels, sizes, attention_mask=batch["attention_mask"])
+    ce, n = masked_cross_entropy(logits, batch["input_ids"], batch["targets"])
+    aux = jnp.zeros((), jnp.float32)
+    if cfg.router_aux_weight > 0 and model.language_model.layers is not None:
+        sown = nnx.pop(model, nnx.Intermediate)
+        logits_lte = sown["language_model"]["layers"]["mlp"]["router_logits"].get_value()
+        aux = load_balancing_loss(logits_lte, batch["attention_mask"].reshape(-1), model.config.text)
+    return ce + cfg.router_aux_weight * aux, (ce, aux, n)
+
+
+# ---------------------------------------------------------------------- optimizer
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine decay to lr * end_lr_ratio at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1),
+                                              cfg.lr * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # noqa: E731
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+
+
+def _f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_state(trainable, tx: optax.GradientTransformation) -> dict:
+    """The train state: trainable leaves as given, float32 optimizer state, step 0."""
+    return {"trainable": trainable, "opt_state": tx.init(_f32(trainable)), "step": jnp.zeros((), jnp.int32)}
+
+
+def train_step(state, frozen, batch, *, graphdef, cfg: TrainConfig, tx):
+    """One optimizer step; returns (new state, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (ce, aux, n)), grads = grad_fn(state["trainable"], frozen, batch, graphdef, cfg)
+    grads = _f32(grads)
+    params32 = _f32(state["trainable"])
+    updates, opt_state = tx.update(grads, state["opt_state"], params32)
+    new = jax.tree.map(lambda p, p32, u: (p32 + u).astype(p.dtype), state["trainable"], params32, updates)
+    metrics = {"loss": loss, "ce": ce, "aux": aux, "tokens": n, "grad_norm": optax.global_norm(grads),
+               "lr": lr_schedule(cfg)(state["step"])}
+    return {"trainable": new, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+# ---------------------------------------------------------------------- sharding
+def _path_shardings(tree, mesh: Mesh):
+    """Each leaf sharded by the parameter rule of its path (adapters use their weight's path)."""
+
+    def one(kp, x):
+        keys = [str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey)]  # not Variable's `.value`
+        path = next((k for k in keys if "/" in k), "/".join(keys))  # adapter dicts are keyed by param path
+        return shard_lib.param_sharding(path, tuple(x.shape), mesh)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """Batch rows split over every mesh axis together (data parallel), when they divide evenly."""
+    axes = tuple(mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes) if batch_size % mesh.size == 0 else PartitionSpec())
+
+
+def state_shardings(state, tx, mesh: Mesh):
+    """Shardings of the train state: trainable leaves by rule, optimizer moments like their parameter."""
+    trainable = _path_shardings(state["trainable"], mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(tx, lambda _, s: s, state["opt_state"], trainable,
+                                transform_non_params=lambda _: replicated)
+    return {"trainable": trainable, "opt_state": opt, "step": replicated}
+
+
+def compile_step(graphdef, cfg: TrainConfig, tx, mesh: Mesh | None, state, frozen):
+    """The jitted step; with a mesh, state/batch/frozen shardings pinned and the state donated."""
+    fn = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    st = state_shardings(state, tx, mesh)
+    fr = None if frozen is None else _path_shardings(frozen, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    b = batch_sharding(mesh, cfg.batch_size)
+    return jax.jit(fn, in_shardings=(st, fr, {"input_ids": b, "attention_mask": b, "targets": b}),
+                   out_shardings=(st, replicated), donate_argnums=0)

@@ -1,0 +1,197 @@
+"""A fine-tuning run: model + data + TrainConfig -> checkpoints, a loss log and an exported model.
+
+Output directory layout:
+
+    OUT/config.json, OUT/model*.safetensors   the fine-tuned model (LoRA merged), for `from_pretrained`
+    OUT/checkpoints/<step>/                   Orbax train state (trainable tree, optimizer state, step,
+                                              RNG key) and JSON metadata (data position, seed, config)
+    OUT/train_log.jsonl                       one line per step: step, loss, ce, aux, grad_norm, lr, tokens
+
+A run whose OUT already holds checkpoints resumes from the latest one: the data position, optimizer
+state and parameters come back exactly, so the next losses are those of an uninterrupted run. The
+hyperparameters must be the same (checked). Ctrl-C saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ..errors import InputError
+from ..saving import save_pretrained
+from . import data as data_lib
+from .lora import init_adapters, merge_adapters
+from .step import (TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model,
+                   state_shardings)
+
+
+def _run_config(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["lora"] = None if cfg.lora is None else {**dataclasses.asdict(cfg.lora), "targets": list(cfg.lora.targets)}
+    return d
+
+
+class Trainer:
+    """Holds the model split into graph / frozen / train state, the compiled step and the checkpointer."""
+
+    def __init__(self, model: nnx.Module, examples: list[data_lib.Example], cfg: TrainConfig,
+                 out: str | os.PathLike, mesh=None, save_every: int = 100):
+        self.cfg, self.examples, self.mesh, self.out = cfg, examples, mesh, Path(out)
+        self.model_config = model.config
+        self.seq_len = min(cfg.max_len, max(len(e.ids) for e in examples))
+        self.graphdef, params = nnx.split(prepare_model(model, cfg), nnx.Param)
+        self.tx = make_optimizer(cfg)
+        self.key = jax.random.key(cfg.seed)
+        if cfg.lora is None:
+            self.frozen, trainable = None, params
+        else:
+            self.frozen = params
+            trainable = init_adapters(params, cfg.lora, jax.random.fold_in(self.key, 1))
+        state = init_state(trainable, self.tx)
+        self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
+        if mesh is not None:
+            state = jax.device_put(state, state_shardings(state, self.tx, mesh))
+        self.state = state
+        self.position = 0  # global index of the next example (epochs follow each other)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            (self.out / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=max(save_every, 1)))
+        self.log_path = self.out / "train_log.jsonl"
+
+    # ------------------------------------------------------------------ state <-> checkpoint
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def _tree(self):
+        return {"state": self.state, "rng": jax.random.key_data(self.key)}
+
+    def save(self, force: bool = False) -> None:
+        leaves = jax.tree.leaves(self._tree())
+        meta = {"position": self.position, "seed": self.cfg.seed, "config": _run_config(self.cfg)}
+        self.manager.save(self.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({f"l{i:05d}": x for i, x in enumerate(leaves)}),
+            meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.wait_until_finished()
+
+    def restore(self) -> bool:
+        """Continue from the latest checkpoint in OUT/checkpoints, if any. Returns whether it did."""
+        step = self.manager.latest_step()
+        if step is None:
+            return False
+        tree = self._tree()
+        leaves, treedef = jax.tree.flatten(tree)
+        target = {f"l{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for i, x in enumerate(leaves)}
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta["config"] != _run_config(self.cfg):
+            raise InputError(f"{self.out / 'checkpoints'}: holds a run with other settings ({meta['config']}); "
+                             "use another --out directory or the same settings")
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        tree = jax.tree.unflatten(treedef, [got[k] for k in sorted(got)])
+        self.state, self.key = tree["state"], jax.random.wrap_key_data(tree["rng"])
+        self.position = int(meta["position"])
+        self._truncate_log(step)
+        return True
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past the restored step (written by the interrupted run after its last save)."""
+        if self.log_path.exists():
+            lines = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.log_path.write_text("".join(ln + "\n" for ln in lines))
+
+    # ------------------------------------------------------------------ running
+    def next_batch(self) -> dict:
+        b = data_lib.make_batch(self.examples, self.position, self.cfg.batch_size, self.seq_len, self.cfg.seed)
+        if self.mesh is not None:
+            b = jax.device_put(b, batch_sharding(self.mesh, self.cfg.batch_size))
+        return b
+
+    def train_step(self) -> dict:
+        batch = self.next_batch()
+        self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+        self.position += self.cfg.batch_size
+        m = {k: float(v) for k, v in metrics.items()}
+        m["step"] = self.step
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        return m
+
+    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
+        """Train to step `until` (default: cfg.steps), saving every `save_every` steps and at the end."""
+        from tqdm import tqdm
+
+        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        history = []
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+        try:
+            while self.step < until:
+                m = self.train_step()
+                history.append(m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}")
+                self.save(force=self.step == until)
+        except KeyboardInterrupt:
+            self.save(force=True)
+            raise
+        finally:
+            bar.close()
+        return history
+
+    def export(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the current model (adapters merged into the base) to `path` (default OUT)."""
+        params = self.state["trainable"]
+        if self.cfg.lora is not None:
+            params = merge_adapters(self.frozen, params, self.cfg.lora.scale)
+        return save_pretrained(params, self.model_config, path or self.out)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
+    d = Path(model_dir)
+    if not any((d / f).exists() for f in ("tekken.json", "tokenizer.json")):
+        return None
+    try:
+        from ..tokenizer import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_pretrained(d)
+
+
+def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str | os.PathLike,
+             cfg: TrainConfig, mesh=None, save_every: int = 100, until: int | None = None,
+             progress: bool = True, log=print) -> list[dict]:
+    """Load `model_dir`, train on `data_path` per `cfg`, checkpoint into `out`, export the model to `out`.
+
+    Resumes from `out/checkpoints` when present. `until` stops early (after saving) at that step.
+    Returns the metrics of the steps run now.
+    """
+    from ..loading import from_pretrained, load_config
+
+    cfg_model = load_config(model_dir)
+    examples = data_lib.load_examples(data_path, load_tokenizer(model_dir), cfg.max_len, cfg_model.text.vocab_size)
+    model = from_pretrained(model_dir, dtype=cfg.param_dtype, mesh=mesh)
+    trainer = Trainer(model, examples, cfg, out, mesh=mesh, save_every=save_every)
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["trainable"]))
+    log(f"{len(examples)} examples, sequence length {trainer.seq_len}, batch {cfg.batch_size}; "
+        f"{n_train:,} trainable parameters" + (f" (LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)})"
+                                                if cfg.lora else ""))
+    if trainer.restore():
+        log(f"resumed from {out}/checkpoints at step {trainer.step}")
+    history = trainer.run(until=until, progress=progress)
+    if trainer.step >= cfg.steps:
+        trainer.export()
+        log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
+    return history
+
+
+__all__ = ["Trainer", "finetune", "load_tokenizer"]
