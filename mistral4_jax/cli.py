@@ -241,6 +241,8 @@ def run_finetune(args) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
 def add_convert(sub) -> None:
     from convert import add_arguments
 
