@@ -163,6 +163,7 @@ def read_eval_data(path) -> tuple[list, list]:
 
 def run_eval(args) -> int:
     import json
+    import math
 
     from .errors import InputError
     from .score import perplexity, score
@@ -184,9 +185,9 @@ def run_eval(args) -> int:
         per = [dict(line=n, **perplexity(model, ids, window=args.window, stride=args.stride,
                                          batch_size=args.batch_size)) for n, ids in texts]
         total_nll, total_tok = sum(p["nll"] for p in per), sum(p["tokens"] for p in per)
-        import math
         out["perplexity"] = {"texts": per, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
     print(json.dumps(out))
+    return 0
 
 
 def add_finetune(sub) -> None:
