@@ -194,7 +194,8 @@ def run_eval(args) -> int:
         from .expert_stats import expert_load
 
         load = expert_load(model, [c + x for _, c, x in requests] + [ids for _, ids in texts],
-                           batch_size=args.batch_size, max_len=args.window)
+                           batch_size=args.batch_size,
+                           max_len=min(args.window, model.config.text.max_position_embeddings))
         path = Path(args.expert_stats)
         load.save_json(path)
         load.save_png(path.with_suffix(".png"))

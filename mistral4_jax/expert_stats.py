@@ -83,12 +83,12 @@ def _count_batch(graphdef, state, ids_bt, mask_bt, intervene):
     return hits.sum((1, 2)), w.sum((1, 2))
 
 
-def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, max_len: int = 2048,
+def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, max_len: int | None = None,
                 intervene: Intervention | None = None) -> ExpertLoad:
     """Expert-load counts over every token of `sequences` (token-id lists).
 
-    Sequences longer than `max_len` are cut into consecutive pieces of at most `max_len` tokens (each
-    piece attends within itself). `intervene` (per-layer expert mask) applies to every batch.
+    Sequences longer than `max_len` (default: min(2048, max_position_embeddings)) are cut into
+    consecutive pieces of at most `max_len` tokens (each piece attends within itself). `intervene` (per-layer expert mask) applies to every batch.
     """
     cfg = model.config.text
     if cfg.num_moe_layers == 0:
@@ -96,6 +96,7 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
     if not isinstance(sequences, (list, tuple)) or not sequences:
         raise InputError("sequences must be a non-empty list of token-id lists")
     _check_int("batch_size", batch_size, 1)
+    max_len = min(2048, cfg.max_position_embeddings) if max_len is None else max_len
     _check_int("max_len", max_len, 1, cfg.max_position_embeddings)
     if intervene is not None and (intervene.patch is not None or
                                   (intervene.expert_mask is not None and np.ndim(intervene.expert_mask) != 2)):
