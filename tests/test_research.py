@@ -224,3 +224,23 @@ def test_expert_stats_against_reference_routing(pair, tmp_path):
     assert got["tokens"] == 40 and got["experts"] == 8
     with Image.open(out.with_suffix(".png")) as img:
         assert img.format == "PNG" and img.size[0] > 8 and img.size[1] > 2
+
+
+def test_route_mask_with_expert_groups():
+    """Group-limited routing with a mask: disabled experts never carry weight; one enabled expert
+    carries all of it (norm_topk_prob); unmasked rows route as without a mask."""
+    from mistral4_jax import moe
+
+    logits = np.random.default_rng(9).standard_normal((32, 8)).astype(np.float32)
+    allowed = np.ones((32, 8), bool)
+    allowed[:, [1, 6]] = False
+    allowed[:4] = np.eye(8, dtype=bool)[5]
+    allowed[4:8] = True
+    kw = dict(top_k=2, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.0)
+    w, idx = (np.asarray(a) for a in moe.route(jnp.asarray(logits), allowed_te=jnp.asarray(allowed), **kw))
+    w0, idx0 = (np.asarray(a) for a in moe.route(jnp.asarray(logits), **kw))
+    assert not (w[~np.take_along_axis(allowed, idx, -1)] > 0).any()
+    np.testing.assert_array_equal(idx[:4, 0], 5)
+    np.testing.assert_allclose(w[:4], [[1.0, 0.0]] * 4)
+    np.testing.assert_array_equal(idx[4:8], idx0[4:8])
+    np.testing.assert_allclose(w[4:8], w0[4:8])
