@@ -7,11 +7,12 @@ from .generate import generate
 from .image_processing import ImageConfig
 from .loading import from_pretrained
 from .model import Mistral3ForConditionalGeneration
+from .probe import Capture, ForwardOutput, Intervention, ResidualPatch
 from .score import perplexity, score
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ImageConfig", "InputError", "Mistral3ForConditionalGeneration", "Mistral4Error",
+    "Capture", "CheckpointError", "ConfigError", "ForwardOutput", "Intervention", "ResidualPatch", "ImageConfig", "InputError", "Mistral3ForConditionalGeneration", "Mistral4Error",
     "ModelConfig", "QuantConfig", "RopeConfig", "TextConfig", "Tokenizer", "VisionConfig", "apply_chat_template",
     "from_pretrained", "generate", "parse_output", "perplexity", "score",
 ]

@@ -133,6 +133,10 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: window / 2)")
+    p.add_argument("--expert-stats", default=None, metavar="OUT.json",
+                   help="also count which experts every token of the data is routed to (per MoE layer; "
+                        "context + continuation or text, in --window pieces) and write counts, fractions and "
+                        "entropies to OUT.json and a layer x expert heatmap to OUT.png")
     p.set_defaults(func=run_eval)
 
 
@@ -186,6 +190,17 @@ def run_eval(args) -> int:
                                          batch_size=args.batch_size)) for n, ids in texts]
         total_nll, total_tok = sum(p["nll"] for p in per), sum(p["tokens"] for p in per)
         out["perplexity"] = {"texts": per, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
+    if args.expert_stats:
+        from .expert_stats import expert_load
+
+        load = expert_load(model, [c + x for _, c, x in requests] + [ids for _, ids in texts],
+                           batch_size=args.batch_size,
+                           max_len=min(args.window, model.config.text.max_position_embeddings))
+        path = Path(args.expert_stats)
+        load.save_json(path)
+        load.save_png(path.with_suffix(".png"))
+        out["expert_stats"] = {"json": str(path), "png": str(path.with_suffix(".png")), "tokens": load.tokens,
+                               "entropy_normalized": load.to_json()["entropy_normalized"]}
     print(json.dumps(out))
     return 0
 

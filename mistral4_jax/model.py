@@ -15,6 +15,7 @@ from flax import nnx
 from . import ops
 from .config import ModelConfig
 from .errors import InputError
+from .probe import Capture, Intervention, Probe
 from .text_model import Mistral4Model, RMSNorm, linear
 from .vision_model import PatchLayout, PixtralVisionModel, patch_layout
 
@@ -80,21 +81,22 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         feats = image_features_md.astype(x.dtype)[slot].reshape(x.shape)
         return jnp.where(is_img.reshape(*x.shape[:2], 1), feats, x)
 
-    def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None) -> jax.Array:
+    def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, probe: Probe | None = None):
         """Final-norm hidden states of the text stack for a full (uncached) sequence."""
         mask = ops.causal_mask(positions_bt, positions_bt,
                                None if attention_mask_bt is None else attention_mask_bt.astype(bool))
-        return self.language_model(inputs_embeds_btd, positions_bt, mask)
+        return self.language_model(inputs_embeds_btd, positions_bt, mask, probe)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
-                 positions=None) -> jax.Array:
+                 positions=None, capture: Capture | None = None, intervene: Intervention | None = None):
         """Logits [B, T, vocab] of a full sequence.
 
         input_ids int [B, T]; pixel_values float [N, C, H, W] (padded as the HF processor pads);
         image_sizes int [N, 2] (height, width) of each image (host values; default: the padded
         size); attention_mask [B, T] (1 = real token; padded keys are never attended); positions
-        [B, T] (default 0..T-1).
+        [B, T] (default 0..T-1). capture / intervene (research access, `probe.py`): with either, the
+        result is a `ForwardOutput` (logits plus the captured per-layer arrays) instead of logits.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -109,8 +111,10 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         # Without images, [IMG] ids are embedded as ordinary tokens, as the reference does.
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h = self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask)
-        return self.lm_head(h)
+        probe = Probe.make(capture, intervene, self.config.text, b, t)
+        h = self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask, probe)
+        logits = self.lm_head(h)
+        return logits if probe is None else probe.collect(self, logits, h)
 
     def layout_for(self, pixel_values, image_sizes) -> PatchLayout:
         if self.vision_tower is None:

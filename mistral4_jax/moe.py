@@ -21,24 +21,33 @@ EXPERT_IMPLS = ("grouped", "dense")
 
 
 def route(logits_te: jax.Array, *, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
-          routed_scaling_factor: float, softmax_fp32: bool = True) -> tuple[jax.Array, jax.Array]:
+          routed_scaling_factor: float, softmax_fp32: bool = True,
+          allowed_te: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Softmax over all experts, group-limited top-k, renormalise, scale (Mistral4TopkRouter).
 
     Returns (weights_tk, indices_tk). Weights are float32 when `softmax_fp32`, else logits' dtype.
     With n_group = topk_group = 1 (the released model) the group step is the identity. Groups are
     ranked by the sum of their two best scores; experts outside the kept groups get score 0.
+
+    allowed_te: optional bool [T, E] intervention mask (False = expert disabled). Disabled experts
+    rank below every enabled one and get weight 0 (when fewer than top_k are enabled), so the
+    weights renormalise over the enabled picks; the softmax itself still runs over all experts.
     """
     t, e = logits_te.shape
     scores = jax.nn.softmax(logits_te.astype(jnp.float32) if softmax_fp32 else logits_te, axis=-1)
-    choice = scores
+    choice = scores if allowed_te is None else jnp.where(allowed_te, scores, -1.0)
     if n_group > 1:
-        grouped = scores.reshape(t, n_group, e // n_group)
+        grouped = choice.reshape(t, n_group, e // n_group)
         group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
         _, group_idx = jax.lax.top_k(group_scores, topk_group)
         keep = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], group_idx].set(True)
-        choice = jnp.where(jnp.repeat(keep, e // n_group, axis=1), scores, 0.0)
+        choice = jnp.where(jnp.repeat(keep, e // n_group, axis=1), choice, 0.0)
+        if allowed_te is not None:
+            choice = jnp.where(allowed_te, choice, -1.0)
     _, idx = jax.lax.top_k(choice, top_k)
     weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if allowed_te is not None:
+        weights = jnp.where(jnp.take_along_axis(allowed_te, idx, axis=-1), weights, 0.0)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return weights * routed_scaling_factor, idx

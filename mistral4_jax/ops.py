@@ -91,19 +91,20 @@ def llama4_query_scale(positions_bt: jax.Array, beta: float, original_max: int) 
 
 # ---------------------------------------------------------------------- attention
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array,
-              scale: float) -> jax.Array:
+              scale: float, return_probs: bool = False):
     """softmax(q k^T * scale, masked) v with the softmax in fp32; returns [B, T, H, Dv].
 
     `mask_bts` (or [B, H, T, S]) is True where a query may attend. Rows with no allowed key (padding)
-    give zeros rather than NaN.
+    give zeros rather than NaN. return_probs: also return the fp32 probabilities [B, H, T, S].
     """
     scores = jnp.einsum("bthd,bshd->bhts", q_bthd, k_bshd) * jnp.asarray(scale, q_bthd.dtype)
     if mask_bts.ndim == 3:
         mask_bts = mask_bts[:, None]
     scores = jnp.where(mask_bts, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask_bts, probs, 0.0).astype(v_bshd.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v_bshd)
+    probs = jnp.where(mask_bts, probs, 0.0)
+    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v_bshd.dtype), v_bshd)
+    return (out, probs) if return_probs else out
 
 
 def mla_absorbed_attention(q_nope_bthn: jax.Array, q_pe_bthr: jax.Array, w_uk_chn: jax.Array,

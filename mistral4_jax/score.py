@@ -20,6 +20,7 @@ from flax import nnx
 
 from .errors import InputError
 from .generate import _check_int, _pow2, validate_ids
+from .probe import Capture, ForwardOutput, Intervention, ResidualPatch
 from .sharding import model_mesh, to_global
 
 
@@ -38,10 +39,50 @@ def _score_batch(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt):
     return continuation_logprobs(logits, targets_bt, weights_bt)
 
 
-def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8) -> list[tuple[float, bool]]:
+@partial(jax.jit, static_argnames=("graphdef", "capture"))
+def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, capture, intervene):
+    model = nnx.merge(graphdef, state)
+    out = model(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
+    return continuation_logprobs(out.logits, targets_bt, weights_bt), out
+
+
+def _captured_row(out: ForwardOutput, row: int, n: int, b: int) -> dict:
+    """One request's captured arrays (numpy), cut to its n input tokens; router arrays [L_moe, n, .]."""
+    got = {}
+    if out.hidden_states is not None:
+        got["hidden_states"] = np.asarray(out.hidden_states[:, row, :n])
+    for name in ("router_logits", "topk_ids", "topk_weights"):
+        a = getattr(out, name)
+        if a is not None:
+            got[name] = np.asarray(a.reshape(a.shape[0], b, -1, a.shape[-1])[:, row, :n])
+    if out.attentions is not None:
+        got["attentions"] = np.asarray(out.attentions[:, row, :, :n, :n])
+    return got
+
+
+def _batch_intervention(iv: Intervention | None, rows: dict[int, int]) -> Intervention | None:
+    """`iv` for one batch: patch sites move to their request's batch row; sites of other requests
+    get point -1 (no effect), so every batch has the same site count (one program)."""
+    if iv is None or iv.patch is None:
+        return iv
+    p = iv.patch
+    req = np.asarray(p.row)
+    inside = np.asarray([int(r) in rows for r in req], bool)
+    row = np.asarray([rows.get(int(r), 0) for r in req], np.int32)
+    point = np.where(inside, np.asarray(p.point), -1).astype(np.int32)
+    return Intervention(iv.expert_mask, ResidualPatch(point, row, p.position, p.value, p.replace))
+
+
+def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, *,
+          capture: Capture | None = None, intervene: Intervention | None = None) -> list[tuple]:
     """[(sum of log p(continuation | context), is_greedy)] per (context_ids, continuation_ids) request.
 
     The context needs at least one token (the first token has nothing to be predicted from).
+    Research access (probe.py): `capture` adds a third element per request, a dict of numpy arrays cut
+    to the request's input tokens (context + continuation minus the last token, n of them):
+    hidden_states [L+1, n, H], router_logits / topk_ids / topk_weights [L_moe, n, .], attentions
+    [L, heads, n, n]. `intervene` applies to every batch: expert_mask must be per layer [L_moe, E];
+    a patch site's `row` is the request's index in `requests` and `position` its token index.
     """
     t = model.config.text
     if not isinstance(requests, (list, tuple)) or not requests:
@@ -57,6 +98,17 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
         if n > t.max_position_embeddings:
             raise InputError(f"requests[{i}]: context + continuation = {n} tokens exceeds the context limit "
                              f"max_position_embeddings = {t.max_position_embeddings}")
+    if intervene is not None:
+        if not isinstance(intervene, Intervention):
+            raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
+        if intervene.expert_mask is not None and np.ndim(intervene.expert_mask) != 2:
+            raise InputError("score: intervene.expert_mask must be per layer [moe_layers, experts]; per-token "
+                             f"masks do not survive batching (got shape {np.shape(intervene.expert_mask)})")
+        if intervene.patch is not None:
+            rows = np.asarray(intervene.patch.row)
+            if ((rows < 0) | (rows >= len(requests))).any():
+                raise InputError(f"score: intervene.patch.row = {rows.tolist()} must index requests [0, {len(requests)})")
+    probed = capture is not None or intervene is not None
     mesh = model_mesh(model)
     data = mesh.shape["data"] if mesh is not None else 1
     graphdef, state = nnx.split(model)
@@ -72,10 +124,17 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             n = len(full) - 1
             ids[row, :n], mask[row, :n], tgt[row, :n] = full[:-1], 1, full[1:]
             w[row, len(ctxs[i]) - 1:n] = 1
-        lp, greedy = _score_batch(graphdef, state, *(to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt, w)))
+        args = [to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt, w)]
+        if probed:
+            iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
+            (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv)
+        else:
+            lp, greedy = _score_batch(graphdef, state, *args)
         lp, greedy = np.asarray(jax.device_get(lp)), np.asarray(jax.device_get(greedy))
         for row, i in enumerate(idx):
             results[i] = (float(lp[row]), bool(greedy[row]))
+            if capture is not None:
+                results[i] += (_captured_row(out, row, len(ctxs[i]) + len(conts[i]) - 1, b),)
     return results
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from . import moe, ops
 from .config import TextConfig
+from .probe import Probe
 
 _init = nnx.initializers.normal(0.02)
 
@@ -54,13 +55,13 @@ class Mistral4TopkRouter(nnx.Module):
         self.kernel = nnx.Param(_init(rngs.params(), (cfg.hidden_size, cfg.n_routed_experts), dtype))
         self.cfg = cfg
 
-    def __call__(self, x_th: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (router_logits [T, E], weights [T, K], expert ids [T, K])."""
+    def __call__(self, x_th: jax.Array, allowed_te: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (router_logits [T, E], weights [T, K], expert ids [T, K]); allowed_te: see moe.route."""
         c = self.cfg
         logits = x_th @ self.kernel[...]
         w, idx = moe.route(logits, top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
                            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
-                           softmax_fp32=c.router_softmax_fp32)
+                           softmax_fp32=c.router_softmax_fp32, allowed_te=allowed_te)
         return logits, w, idx
 
 
@@ -87,12 +88,19 @@ class Mistral4MoE(nnx.Module):
         self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
         self.keep_router_logits = False  # training sets it to read the logits back (load-balancing loss)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, keep_router: bool = False, expert_mask=None) -> jax.Array:
+        """keep_router: sow router logits, expert ids and weights; expert_mask: bool [E] or [B, T, E]."""
         b, t, d = x_btd.shape
         x_th = x_btd.reshape(b * t, d)
-        logits, w, idx = self.gate(x_th)
-        if self.keep_router_logits:
+        allowed = None
+        if expert_mask is not None:
+            e = expert_mask.shape[-1]
+            allowed = jnp.broadcast_to(expert_mask, (b, t, e)).reshape(b * t, e)
+        logits, w, idx = self.gate(x_th, allowed)
+        if self.keep_router_logits or keep_router:
             self.router_logits = nnx.Intermediate(logits)
+        if keep_router:
+            self.topk_ids, self.topk_weights = nnx.Intermediate(idx), nnx.Intermediate(w)
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_btd)
@@ -143,14 +151,18 @@ class Mistral4Attention(nnx.Module):
         scale = ops.llama4_query_scale(positions_bt, c.rope.llama_4_scaling_beta, c.rope.original_max_position_embeddings)
         return q * scale.astype(q.dtype)[:, :, None, None]
 
-    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
+    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts, keep_probs: bool = False) -> jax.Array:
         c = self.cfg
         b, s, _ = c_kv_bsc.shape
         kv = self.kv_b_proj(c_kv_bsc).reshape(b, s, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
         k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
         k_pe = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope.shape[:3], c.qk_rope_head_dim))
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
-        o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
+        if keep_probs:  # research capture: sow the probabilities [B, heads, T, S]
+            o, probs = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale, return_probs=True)
+            self.attn_probs = nnx.Intermediate(probs)
+        else:
+            o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def attend_latent(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
@@ -165,9 +177,9 @@ class Mistral4Attention(nnx.Module):
                                        c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, keep_probs: bool = False) -> jax.Array:
         c_kv, k_pe = self.latent(x_btd, cos, sin)
-        return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts)
+        return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts, keep_probs)
 
 
 class Mistral4DecoderLayer(nnx.Module):
@@ -184,6 +196,17 @@ class Mistral4DecoderLayer(nnx.Module):
         h = x_btd + self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def probed(self, x_btd, cos, sin, positions_bt, mask_bts, probe: Probe, xs: dict) -> jax.Array:
+        """The layer with research captures and interventions (probe.py); xs: this layer's scan inputs."""
+        c = probe.capture
+        h = x_btd + self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, c.attentions)
+        x = self.post_attention_layernorm(h)
+        y = self.mlp(x, c.router, xs.get("expert_mask")) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
+        out = probe.patch(h + y, xs["index"] + 1)
+        if c.hidden_states:
+            self.hidden_state = nnx.Intermediate(out)
+        return out
+
 
 def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
     """n copies of a module whose parameters are stacked along a new leading axis."""
@@ -196,19 +219,22 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False):
+def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False, xs=None):
     """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body).
 
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint` of the body).
+    xs: optional per-layer inputs (a pytree with the depth as leading axis); then `fn(layer, x, xs_l)`.
     `nnx.Intermediate` values a layer stores come back stacked on the stack module.
     """
     graphdef, state = nnx.split(stack)
 
-    def body(carry, layer_state):
+    def body(carry, inputs):
+        layer_state, xs_l = (inputs, None) if xs is None else inputs
         layer = nnx.merge(graphdef, layer_state)
-        return fn(layer, carry), nnx.state(layer, nnx.Intermediate)
+        out = fn(layer, carry) if xs is None else fn(layer, carry, xs_l)
+        return out, nnx.state(layer, nnx.Intermediate)
 
-    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
+    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state if xs is None else (state, xs))
     if len(sown):
         nnx.update(stack, sown)
     return out
@@ -229,7 +255,8 @@ class Mistral4Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.remat = False  # training sets it: rematerialise each decoder layer in the backward pass
 
-    def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                 probe: Probe | None = None) -> jax.Array:
         c = self.cfg
         inv_freq = ops.yarn_inv_freq(c.qk_rope_head_dim, c.rope.rope_theta, c.rope.factor,
                                      c.rope.original_max_position_embeddings, c.rope.beta_fast,
@@ -241,9 +268,22 @@ class Mistral4Model(nnx.Module):
             return layer(x, cos, sin, positions_bt, mask_bts)
 
         x = inputs_embeds_btd
-        for stack in (self.dense_layers, self.layers):
+        if probe is None:
+            for stack in (self.dense_layers, self.layers):
+                if stack is not None:
+                    x = scan_layers(stack, x, layer_fn, self.remat)
+            return self.norm(x)
+
+        def probed_fn(layer, x, xs):
+            return layer.probed(x, cos, sin, positions_bt, mask_bts, probe, xs)
+
+        x = probe.patch(x, 0)
+        if probe.capture.hidden_states:
+            self.input_hidden_state = nnx.Intermediate(x)
+        for stack, first, n in ((self.dense_layers, 0, c.first_k_dense_replace),
+                                (self.layers, c.first_k_dense_replace, c.num_moe_layers)):
             if stack is not None:
-                x = scan_layers(stack, x, layer_fn, self.remat)
+                x = scan_layers(stack, x, probed_fn, self.remat, probe.layer_inputs(first, n, stack is self.layers))
         return self.norm(x)
 
 
