@@ -15,12 +15,13 @@ def add_demo(sub) -> None:
                                    "random-weight checkpoint in the released HF layout (FP8 with scales) and a small "
                                    "Tekken v15 tokenizer, converts it to Orbax, loads it across the local devices, "
                                    "runs a batched chat (reasoning none and high, one message with an image) and a "
-                                   "batch of scoring requests. The weights are random: the output means nothing "
-                                   "beyond what --train-steps teaches it.")
+                                   "batch of scoring requests. The weights start random: the model knows only the "
+                                   "few sentences --train-steps teaches it.")
     p.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
-    p.add_argument("--train-steps", type=int, default=0,
-                   help="first fine-tune the tiny model this many steps on a few chats (the Zen of Python, a "
-                        "capital), so its answers are less meaningless (default 0: random weights)")
+    p.add_argument("--train-steps", type=int, default=40,
+                   help="first fine-tune the random model this many steps on four short chats (a capital, the Zen "
+                        "of Python, from the standard library) so its answers are less meaningless (default 40; "
+                        "0: keep the random weights)")
     p.set_defaults(func=run_demo)
 
 
@@ -172,9 +173,10 @@ def run_chat(args) -> int:
                    top_p=args.top_p, seed=args.seed, pixel_values=prompt.pixel_values,
                    image_sizes=prompt.image_sizes, callback=lambda step, tokens: write(stream.push(tokens[0])))
     write(stream.close())
+    print(flush=True)
     dt = time.perf_counter() - t0
     ending = "" if stream.finished else f", stopped at --max-new-tokens {args.max_new_tokens}"
-    print(f"\n[{len(out[0])} tokens in {dt:.1f}s{ending}]", file=sys.stderr)
+    print(f"[{len(out[0])} tokens in {dt:.1f}s{ending}]", file=sys.stderr)
     return 0
 
 

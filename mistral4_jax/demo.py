@@ -169,13 +169,12 @@ def run_demo(workdir: str | Path, train_steps: int = 0, color: bool = False,
     pixel_values = np.concatenate(pixels) if pixels else None
     image_sizes = np.concatenate(sizes) if sizes else None
     t0 = time.perf_counter()
-    steps = [0]
-    outs = generate(model, prompts, max_new_tokens=48, pixel_values=pixel_values, image_sizes=image_sizes,
-                    callback=lambda step, tokens: steps.__setitem__(0, step + 1))
+    # No streaming callback here: generate's ordered host callback is refused on a multi-device mesh.
+    outs = generate(model, prompts, max_new_tokens=48, pixel_values=pixel_values, image_sizes=image_sizes)
     dt = time.perf_counter() - t0
     n_tok = sum(map(len, outs))
     log(f"  batched chat: {len(prompts)} prompts (reasoning none and high, one with a "
-        f"{image_sizes[0][1]}x{image_sizes[0][0]} image), {n_tok} new tokens in {steps[0]} steps, "
+        f"{image_sizes[0][1]}x{image_sizes[0][0]} image), {n_tok} new tokens in {max(map(len, outs))} steps, "
         f"{dt:.1f}s including compilation")
     for (effort, msgs), out in zip(chats, outs):
         parsed = tok.parse_output(out)
@@ -198,3 +197,11 @@ def run_demo(workdir: str | Path, train_steps: int = 0, color: bool = False,
     total = time.perf_counter() - t_all
     log(f"done in {total:.1f}s. For the real model, see the README section 'The real checkpoint'.")
     return {"outputs": outs, "scores": scores, "seconds": total}
+
+
+def model_or_tiny(model: str | None, workdir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """`model` when given, else the tiny default (random weights) built under `workdir` (converted dir)."""
+    if model:
+        return Path(model)
+    log("no --model given: building the tiny default model (random weights, its output means nothing)")
+    return build_tiny(workdir, log=lambda m: log("  " + m))["orbax"]
