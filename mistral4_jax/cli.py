@@ -10,52 +10,26 @@ from pathlib import Path
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="write a tiny random FP8 checkpoint in the released layout, load it, run it",
+    p = sub.add_parser("demo", help="build a tiny model (no download), convert it, chat with it and score with it",
                        description="Runs the whole path on a model small enough for any machine: writes a tiny "
-                                   "random-weight checkpoint in the released HF layout (FP8 with per-tensor "
-                                   "scales), loads it with from_pretrained, and runs a batch with and without "
-                                   "an image. The weights are random: the output tokens mean nothing.")
-    p.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory)")
+                                   "random-weight checkpoint in the released HF layout (FP8 with scales) and a small "
+                                   "Tekken v15 tokenizer, converts it to Orbax, loads it across the local devices, "
+                                   "runs a batched chat (reasoning none and high, one message with an image) and a "
+                                   "batch of scoring requests. The weights start random: the model knows only the "
+                                   "few sentences --train-steps teaches it.")
+    p.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
+    p.add_argument("--train-steps", type=int, default=40,
+                   help="first fine-tune the random model this many steps on four short chats (a capital, the Zen "
+                        "of Python, from the standard library) so its answers are less meaningless (default 40; "
+                        "0: keep the random weights)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
-    import jax
-    import numpy as np
+    from .demo import run_demo as demo
 
-    from . import synthetic
-    from .config import ModelConfig
-    from .loading import from_pretrained
-
-    def say(msg):
-        print(msg, flush=True)
-
-    say("mistral4-jax demo: a tiny Mistral Small 4 with RANDOM weights (the tokens it predicts mean nothing)")
-    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s))")
-    cfg = ModelConfig.tiny()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.dir or tmp) / "tiny-mistral4"
-        t0 = time.perf_counter()
-        synthetic.write_checkpoint(path, cfg, fp8=True)
-        say(f"[1/3] wrote {path} (HF layout, FP8 E4M3 + scales) in {time.perf_counter() - t0:.2f}s")
-        t0 = time.perf_counter()
-        model = from_pretrained(path, dtype="float32")
-        say(f"[2/3] loaded with from_pretrained in {time.perf_counter() - t0:.2f}s")
-        rng = np.random.default_rng(0)
-        p, m = cfg.vision.patch_size, cfg.spatial_merge_size
-        h, w = 2 * p * m, 3 * p * m
-        img_ids = []
-        for r in range(h // (p * m)):
-            img_ids += [cfg.image_token_id] * (w // (p * m)) + [12 if r < h // (p * m) - 1 else 13]
-        prompt = [1, 3] + img_ids + list(rng.integers(100, cfg.text.vocab_size, 6)) + [4]
-        ids = np.asarray([prompt])
-        pixels = rng.standard_normal((1, 3, h, w)).astype(np.float32)
-        t0 = time.perf_counter()
-        logits = np.asarray(model(ids, pixels, [(h, w)]))
-        say(f"[3/3] forward of {ids.shape[1]} tokens with one {h}x{w} image in {time.perf_counter() - t0:.2f}s "
-            f"(includes compilation)")
-        say(f"      logits {logits.shape}, next-token argmax {int(logits[0, -1].argmax())}")
-    say("done")
+        demo(Path(args.dir or tmp), train_steps=args.train_steps, color=sys.stdout.isatty())
     return 0
 
 
@@ -87,12 +61,28 @@ def _parse_ids(text: str, what: str) -> list[int]:
         raise SystemExit(f"{what} must be comma-separated token ids, got {text!r}") from None
 
 
+def _tokenizer_for(model_dir: str):
+    """The tokenizer beside the model (tekken.json or tokenizer.json), or a clear exit."""
+    from .errors import CheckpointError
+    from .tokenizer import Tokenizer
+
+    d = Path(model_dir)
+    if d.is_dir() and not any((d / f).is_file() for f in ("tekken.json", "tokenizer.json")):
+        raise CheckpointError(f"{d}: no tokenizer beside the model (expected tekken.json or tokenizer.json in "
+                              "this directory; copy the one from the HF repository, or give token ids with --ids)")
+    return Tokenizer.from_pretrained(d)
+
+
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate tokens for one or more prompts; prints JSON",
-                       description="Greedy or sampled generation from token-id prompts (all prompts run as "
-                                   "one batch). Prints {\"outputs\": [[new ids], ...], ...} as JSON.")
+    p = sub.add_parser("generate", help="generate from raw text or token-id prompts (no chat template); prints JSON",
+                       description="Greedy or sampled generation (all prompts run as one batch). --prompt TEXT is "
+                                   "encoded as plain text with <s> in front, with the tokenizer beside the model; "
+                                   "--ids gives token ids. Prints {\"outputs\": [[new ids], ...], ...} as JSON, plus "
+                                   "\"texts\" (decoded) when a tokenizer was used. For chat, use `mistral4-jax chat`.")
     _add_model_args(p)
-    p.add_argument("--ids", action="append", required=True, metavar="ID,ID,...",
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a text prompt (encoded with the model directory's tokenizer); repeat for a batch")
+    p.add_argument("--ids", action="append", default=[], metavar="ID,ID,...",
                    help="a prompt as comma-separated token ids; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -109,7 +99,10 @@ def run_generate(args) -> int:
 
     from .generate import generate
 
-    prompts = [_parse_ids(x, "--ids") for x in args.ids]
+    if not args.prompt and not args.ids:
+        raise SystemExit("mistral4-jax generate: give at least one --prompt TEXT or --ids ID,ID,...")
+    tok = _tokenizer_for(args.model) if args.prompt else None
+    prompts = [tok.encode(x, add_bos=True) for x in args.prompt] + [_parse_ids(x, "--ids") for x in args.ids]
     stop = None if args.stop is None else _parse_ids(args.stop, "--stop")
     model = _load(args)
     cb = None
@@ -119,7 +112,71 @@ def run_generate(args) -> int:
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop, callback=cb)
-    print(json.dumps({"outputs": out, "seconds": round(time.perf_counter() - t0, 3)}))
+    res = {"outputs": out, "seconds": round(time.perf_counter() - t0, 3)}
+    if tok is not None:
+        res["texts"] = [tok.decode(o, skip_special_tokens=True) for o in out]
+    print(json.dumps(res))
+    return 0
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="one chat turn (text, images, reasoning effort), streamed as it is generated",
+                       description="Builds a v15 chat prompt (optional system prompt, the user's text and images, "
+                                   "the reasoning effort), generates a reply and streams it to stdout token by "
+                                   "token. With --reasoning-effort high the model first thinks inside "
+                                   "[THINK]...[/THINK]: that reasoning is printed dimmed (on a terminal) after a "
+                                   "'reasoning:' label, the answer after 'answer:'. The tokenizer (tekken.json or "
+                                   "tokenizer.json) is read from the model directory.",
+                       epilog="example: mistral4-jax chat --model /data/m4-orbax --image cat.png "
+                              "--prompt 'What is in this picture?' --reasoning-effort high")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the user message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file attached to the user message (before the text); repeatable")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
+    p.add_argument("--reasoning-effort", default="none", choices=["none", "high"],
+                   help="none: answer at once (default); high: reason step by step first")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default 512")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-color", action="store_true", help="never dim the reasoning (default: dim on a terminal)")
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> int:
+    from .generate import generate
+    from .streaming import ChatStream
+
+    tok = _tokenizer_for(args.model)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
+    messages.append({"role": "user", "content": content if args.image else args.prompt})
+    prompt = tok.apply_chat_template(messages, reasoning_effort=args.reasoning_effort)
+    model = _load(args)
+    color = sys.stdout.isatty() and not args.no_color
+    stream = ChatStream(tok)
+    shown = {"kind": None}
+
+    def write(deltas):
+        for kind, text in deltas:
+            if kind != shown["kind"]:
+                sys.stdout.write(("\n" if shown["kind"] else "") + f"{kind}: ")
+                shown["kind"] = kind
+            sys.stdout.write(f"\033[2m{text}\033[0m" if color and kind == "reasoning" else text)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    out = generate(model, [prompt.input_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, pixel_values=prompt.pixel_values,
+                   image_sizes=prompt.image_sizes, callback=lambda step, tokens: write(stream.push(tokens[0])))
+    write(stream.close())
+    print(flush=True)
+    dt = time.perf_counter() - t0
+    ending = "" if stream.finished else f", stopped at --max-new-tokens {args.max_new_tokens}"
+    print(f"[{len(out[0])} tokens in {dt:.1f}s{ending}]", file=sys.stderr)
     return 0
 
 
@@ -283,6 +340,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_demo(sub)
+    add_chat(sub)
     add_generate(sub)
     add_eval(sub)
     add_finetune(sub)
