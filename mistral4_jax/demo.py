@@ -169,7 +169,7 @@ def run_demo(workdir: str | Path, train_steps: int = 0, color: bool = False,
     pixel_values = np.concatenate(pixels) if pixels else None
     image_sizes = np.concatenate(sizes) if sizes else None
     t0 = time.perf_counter()
-    # No streaming callback here: generate's ordered host callback is refused on a multi-device mesh.
+    # A batch of chats: the results are printed once every row is done.
     outs = generate(model, prompts, max_new_tokens=48, pixel_values=pixel_values, image_sizes=image_sizes)
     dt = time.perf_counter() - t0
     n_tok = sum(map(len, outs))

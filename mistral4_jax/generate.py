@@ -86,7 +86,7 @@ def _generate_core(graphdef, state, embeds_btd, lens_b, active_b, cache, key, te
 
     def emit(i, tok, out, done):
         if stream:
-            jax.debug.callback(_stream_dispatch, i, tok, done, ordered=True)
+            jax.debug.callback(_stream_dispatch, i, tok, done)
         out = out.at[:, i].set(jnp.where(done, -1, tok))
         return out, done | is_stop(tok)
 

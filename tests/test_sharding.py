@@ -57,6 +57,10 @@ def test_mesh_model_equals_single_device(ckpt, single):
     got = np.asarray(jm(single["ids"]))
     assert R.rel_err(got, single["logits"]) < 1e-5
     assert generate(jm, PROMPTS, max_new_tokens=6, stop_tokens=[]) == single["gen"]
+    streamed = []  # the streaming callback works on a mesh too: one call per step, in order
+    generate(jm, PROMPTS, max_new_tokens=6, stop_tokens=[], callback=lambda i, toks: streamed.append((i, toks)))
+    assert [i for i, _ in streamed] == list(range(6))
+    assert [[toks[r] for _, toks in streamed] for r in range(len(PROMPTS))] == single["gen"]
     for (a, ga), (b, gb) in zip(score(jm, REQUESTS), single["scores"]):
         assert abs(a - b) < 1e-4 and ga == gb
 
