@@ -76,7 +76,9 @@ class TextConfig:
     # Port switches (spec section 7). Release semantics by default.
     apply_yarn_mscale: bool = False  # True: softmax scale * mscale^2, as transformers >= PR #47435 does
     router_softmax_fp32: bool = True  # False: softmax in the activation dtype, as transformers does
-    expert_impl: str = "grouped"  # "grouped" (ragged_dot) or "dense" (every expert; the test reference)
+    # "grouped" (ragged_dot), "dense" (every expert; the test reference), "gather" (selected experts' slices)
+    # or "auto" (gather at small batch, grouped above; see moe.GATHER_MAX_PAIRS)
+    expert_impl: str = "grouped"
 
     @property
     def qk_head_dim(self) -> int:
@@ -254,7 +256,8 @@ def validate(cfg: ModelConfig) -> None:
     need(r.factor > 0 and r.rope_theta > 0, "text_config.rope_parameters: factor and rope_theta must be positive")
     need(r.original_max_position_embeddings > 0, "text_config.rope_parameters.original_max_position_embeddings must be positive")
     need(t.rms_norm_eps > 0, "text_config.rms_norm_eps must be positive")
-    need(t.expert_impl in ("grouped", "dense"), f"expert_impl must be 'grouped' or 'dense', got {t.expert_impl!r}")
+    need(t.expert_impl in ("grouped", "dense", "gather", "auto"),
+         f"expert_impl must be 'grouped', 'dense', 'gather' or 'auto', got {t.expert_impl!r}")
     v = cfg.vision
     if v is not None:
         need(v.hidden_size % v.num_attention_heads == 0,

@@ -444,26 +444,32 @@ def open_safetensors(path: str | os.PathLike, dtype, **config_overrides):
     return cfg, model, plan_checkpoint(cfg, index, param_shapes(model), rename)
 
 
-def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, **config_overrides):
+def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides):
     """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
 
     path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards),
     a Mistral-native one (`params.json` plus `consolidated*.safetensors`) or an Orbax checkpoint written
     by `mistral4-jax convert`; FP8 weights are dequantised to `dtype`. mesh: a `jax.sharding.Mesh` to
     shard the parameters over (see `mistral4_jax.sharding`), or None for the default device.
+    weights: None, or "fp8" to keep the attention projections, shared / dense MLPs and routed experts as
+    E4M3 with float32 per-output-column scales (`mistral4_jax.quant`; about half the bytes of bf16).
     config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
     """
-    from . import checkpoint
+    from . import checkpoint, quant
 
     dtype = resolve_dtype(dtype)
+    quant.check_weights(weights)
     if checkpoint.is_orbax_dir(path):
-        return checkpoint.restore(path, dtype, mesh, **config_overrides)
+        return checkpoint.restore(path, dtype, mesh, weights, **config_overrides)
     cfg, model, plan = open_safetensors(path, dtype, **config_overrides)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     values = []
     for p, var in flat:
         key = "/".join(map(str, p))
+        if weights == "fp8" and quant.is_fp8_target(key):
+            values.append((p, var.replace(checkpoint.load_fp8_param(key, plan[key], tuple(var.shape), dtype, mesh))))
+            continue
         arr = load_param(key, plan[key], tuple(var.shape), var.dtype,
                          shard_lib.param_sharding(key, tuple(var.shape), mesh))
         values.append((p, var.replace(arr) if hasattr(var, "replace") else arr))

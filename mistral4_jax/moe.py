@@ -8,6 +8,13 @@ Expert weights are stacked: `gate_up_ehf` [E, H, 2I] (gate columns first, then u
     test reference, and reasonable for tiny models.
   * "grouped": tokens sorted by expert, two `jax.lax.ragged_dot` grouped matmuls, unsorted and
     weighted. Touches each (token, expert) pair once; the default.
+  * "gather": the K selected experts' weight slices gathered per token and applied as batched
+    matmuls. Reads only the selected experts (at most T*K slices), which is what small-batch decode
+    needs; at large T it reads experts many times over.
+  * "auto": "gather" when T*K <= `gather_max_pairs`, else "grouped" (T is static at trace time).
+
+Expert weights may be `quant.Fp8Weight`s: selection (gather) runs on the E4M3 values and scales, and
+each path dequantises just before its matmuls (`quant.materialize`).
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import quant
 from .ops import activation
 
-EXPERT_IMPLS = ("grouped", "dense")
+EXPERT_IMPLS = ("grouped", "dense", "gather", "auto")
+# "auto" switches to "gather" at or below this many (token, expert) pairs per call. Provisional: 64 pairs
+# = 16 tokens at top-4, from the uniform-routing arithmetic in gpu-notes.md 2.3 (at 16 tokens ~50 of
+# 128 experts are touched); to be replaced by the crossover bench/bench_gpu.py measures on GPU.
+GATHER_MAX_PAIRS = 64
 
 
 def route(logits_te: jax.Array, *, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
@@ -63,6 +75,7 @@ def experts_dense(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, gat
                   down_efh: jax.Array, act: str) -> jax.Array:
     """Reference path: run all E experts on all T tokens, keep the routed ones. O(T*E) work."""
     e = gate_up_ehf.shape[0]
+    gate_up_ehf, down_efh = quant.materialize(gate_up_ehf), quant.materialize(down_efh)
     combine_te = jnp.zeros((x_th.shape[0], e), x_th.dtype).at[
         jnp.arange(x_th.shape[0])[:, None], idx_tk].add(weights_tk.astype(x_th.dtype))
     h = swiglu(jnp.einsum("th,ehf->tef", x_th, gate_up_ehf), act)
@@ -79,6 +92,7 @@ def experts_grouped(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, g
     order = jnp.argsort(flat, stable=True)
     token_of = order // k
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    gate_up_ehf, down_efh = quant.materialize(gate_up_ehf), quant.materialize(down_efh)
     xs = x_th[token_of]
     h = swiglu(jax.lax.ragged_dot(xs, gate_up_ehf, group_sizes), act)
     ys = jax.lax.ragged_dot(h, down_efh, group_sizes)
@@ -86,9 +100,34 @@ def experts_grouped(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, g
     return jnp.zeros_like(x_th).at[token_of].add(ys.astype(x_th.dtype))
 
 
-def experts_forward(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, gate_up_ehf: jax.Array,
-                    down_efh: jax.Array, act: str, impl: str = "grouped") -> jax.Array:
-    """sum_k w[t,k] * down[e] @ (act(x @ gate[e]) * (x @ up[e])), e = idx[t,k]; [T, H]."""
+def experts_gather(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, gate_up_ehf, down_efh,
+                   act: str) -> jax.Array:
+    """Gather each token's K experts (W[idx] [T, K, H, 2I] and [T, K, I, H]) and apply them as batched
+    matmuls. O(T*K) weight slices read: the small-batch path."""
+    gu_tkhf = quant.materialize(quant.take(gate_up_ehf, idx_tk))
+    dn_tkfh = quant.materialize(quant.take(down_efh, idx_tk))
+    h_tkf = swiglu(jnp.einsum("th,tkhf->tkf", x_th, gu_tkhf), act)
+    y_tkh = jnp.einsum("tkf,tkfh->tkh", h_tkf, dn_tkfh)
+    return jnp.einsum("tkh,tk->th", y_tkh, weights_tk.astype(y_tkh.dtype)).astype(x_th.dtype)
+
+
+def resolve_impl(impl: str, n_tokens: int, top_k: int, gather_max_pairs: int = GATHER_MAX_PAIRS) -> str:
+    """The concrete implementation for `impl` at n_tokens tokens per call ("auto" picks by T*K)."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "gather" if n_tokens * top_k <= gather_max_pairs else "grouped"
+    return impl
+
+
+def experts_forward(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, gate_up_ehf, down_efh, act: str,
+                    impl: str = "grouped") -> jax.Array:
+    """sum_k w[t,k] * down[e] @ (act(x @ gate[e]) * (x @ up[e])), e = idx[t,k]; [T, H].
+
+    gate_up_ehf / down_efh: arrays or `quant.Fp8Weight`s."""
+    impl = resolve_impl(impl, *idx_tk.shape)
+    if impl == "gather":
+        return experts_gather(x_th, weights_tk, idx_tk, gate_up_ehf, down_efh, act)
     if impl == "grouped":
         return experts_grouped(x_th, weights_tk, idx_tk, gate_up_ehf, down_efh, act)
     if impl == "dense":

@@ -104,7 +104,8 @@ def model_mesh(model) -> Mesh | None:
     from flax import nnx
 
     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        s = getattr(v[...], "sharding", None)
+        leaves = jax.tree.leaves(v.get_value())  # not v[...]: that would dequantise an FP8 weight
+        s = getattr(leaves[0], "sharding", None) if leaves else None
         if isinstance(s, NamedSharding):
             return s.mesh
     return None
