@@ -26,7 +26,7 @@ from . import sharding as shard_lib
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Mistral3ForConditionalGeneration
-from .safetensors_io import FP8, SafetensorsFile
+from .safetensors_io import FP8, SafetensorsFile, indexed_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -140,15 +140,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
                               "*.safetensors files)")
     index = d / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e!r}; expected a 'weight_map' object)") from None
-        files = sorted({d / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
-        return files
+        return indexed_shards(index)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))

@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."
 _ATTN = {"wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a_with_mqa": "kv_a_proj_with_mqa",
@@ -201,15 +201,7 @@ def native_files(path: str | os.PathLike) -> list[Path]:
     d = Path(path)
     index = d / "consolidated.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e!r}; expected a 'weight_map' object)") from None
-        files = sorted({d / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
-        return files
+        return indexed_shards(index)
     return sorted(d.glob("consolidated*.safetensors"))
 
 

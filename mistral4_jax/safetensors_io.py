@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -103,3 +104,16 @@ class SafetensorsFile:
 
     def close(self):
         self._mmap = None
+
+
+def indexed_shards(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` lists (its `weight_map` values), all present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: malformed index ({e!r}; expected a 'weight_map' object)") from None
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+    return files

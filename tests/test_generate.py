@@ -176,24 +176,36 @@ def test_compiled_decode_does_not_grow_with_depth():
 
 
 def test_jitted_decode_is_5x_transformers_generate(pair):
-    """Same weights, same prompts, same run; the full figures are in bench/bench_decode.py."""
+    """Same weights, same prompts, same run; medians of 3. 64 new tokens, so the per-token cost, not
+    a call's fixed overhead, is what is compared. The full figures are in bench/bench_decode.py."""
+    import statistics
     import time
 
     import torch
 
     ref, jm = pair
-    prompts = [[1, 50, 60, 61], [1, 70, 80, 90]]
-    generate(jm, prompts, max_new_tokens=8, stop_tokens=[])  # compiled by the tests above; warm it anyway
-    t0 = time.perf_counter()
-    generate(jm, prompts, max_new_tokens=8, stop_tokens=[])
-    ours = time.perf_counter() - t0
+    prompts, n = [[1, 50, 60, 61], [1, 70, 80, 90]], 64
     ids = torch.as_tensor(prompts)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                     do_sample=False, eos_token_id=None, pad_token_id=0)
-    theirs = time.perf_counter() - t0
-    assert theirs >= 5 * ours, (theirs, ours)
+
+    def ours():
+        generate(jm, prompts, max_new_tokens=n, stop_tokens=[])
+
+    def theirs():
+        with torch.no_grad():
+            ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def median_seconds(fn):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    ours()  # compile
+    t_ours, t_theirs = median_seconds(ours), median_seconds(theirs)
+    assert t_theirs >= 5 * t_ours, (t_theirs, t_ours)
 
 
 def test_cli_generate_prints_the_generations(pair, capsys):
