@@ -199,26 +199,18 @@ def add_eval(sub) -> None:
 
 def read_eval_data(path) -> tuple[list, list]:
     """(requests [(line number, context, continuation)], texts [(line number, ids)]) of a JSONL file."""
-    import json
-
     from .errors import InputError
+    from .jsonl import read_jsonl
 
     requests, texts = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if isinstance(rec, dict) and "context" in rec and "continuation" in rec:
-                requests.append((n, rec["context"], rec["continuation"]))
-            elif isinstance(rec, dict) and "text" in rec:
-                texts.append((n, rec["text"]))
-            else:
-                raise InputError(f"{path}:{n}: expected {{\"context\", \"continuation\"}} or {{\"text\"}} "
-                                 "with token-id lists")
+    for n, rec in read_jsonl(path, '{"context", "continuation"} or {"text"} with token-id lists'):
+        if "context" in rec and "continuation" in rec:
+            requests.append((n, rec["context"], rec["continuation"]))
+        elif "text" in rec:
+            texts.append((n, rec["text"]))
+        else:
+            raise InputError(f"{path}:{n}: expected {{\"context\", \"continuation\"}} or {{\"text\"}} "
+                             "with token-id lists")
     return requests, texts
 
 
@@ -230,8 +222,6 @@ def run_eval(args) -> int:
     from .score import perplexity, score
 
     requests, texts = read_eval_data(args.data)
-    if not requests and not texts:
-        raise InputError(f"{args.data}: no records")
     model = _load(args)
     out: dict = {}
     if requests:

@@ -24,7 +24,6 @@ that counts them; an example left with no target token is dropped, with a warnin
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
+from ..jsonl import read_jsonl
 
 BOS, EOS, PAD = 1, 2, 11
 INST, END_INST, SYSTEM, END_SYSTEM = 3, 4, 17, 18
@@ -46,29 +46,6 @@ class Encoder(Protocol):
 class Example:
     ids: np.ndarray  # int32 [T]
     targets: np.ndarray  # bool [T]: True where token t is trained on (predicted from tokens < t)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; bad JSON raises naming the line."""
-    records = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the data file ({e.strerror})") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object with 'messages', 'text' or 'ids'")
-            records.append((n, obj))
-    if not records:
-        raise InputError(f"{path}: the dataset is empty (expected JSON lines with 'messages', 'text' or 'ids')")
-    return records
 
 
 def _ids(value, where: str) -> list[int]:
@@ -134,7 +111,7 @@ def load_examples(path: str | os.PathLike, tokenizer: Encoder | None, max_len: i
                   vocab_size: int | None = None) -> list[Example]:
     """Read, tokenise, validate and truncate a JSONL file (see the module docstring)."""
     examples, truncated, dropped = [], 0, 0
-    for n, rec in read_jsonl(path):
+    for n, rec in read_jsonl(path, "'messages', 'text' or 'ids'"):
         where = f"{path}:{n}"
         ex = tokenize_record(rec, tokenizer, where)
         if vocab_size is not None and len(ex.ids) and (ex.ids.min() < 0 or ex.ids.max() >= vocab_size):
