@@ -45,15 +45,17 @@ class TrainConfig:
     batch_size: int = 8
     max_len: int = 512
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    loss_chunk: int = DEFAULT_CHUNK  # positions per lm_head chunk in the loss: [batch, loss_chunk, vocab] fp32
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, fp32 optimizer state
     router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
     lora: LoRAConfig | None = None
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.max_len < 2:
-            raise InputError("steps and batch_size must be >= 1 and max_len >= 2, got "
-                             f"steps={self.steps}, batch_size={self.batch_size}, max_len={self.max_len}")
+        if self.steps < 1 or self.batch_size < 1 or self.max_len < 2 or self.loss_chunk < 1:
+            raise InputError("steps, batch_size and loss_chunk must be >= 1 and max_len >= 2, got "
+                             f"steps={self.steps}, batch_size={self.batch_size}, loss_chunk={self.loss_chunk}, "
+                             f"max_len={self.max_len}")
 
     @property
     def warmup(self) -> int:
@@ -122,14 +124,14 @@ def prepare_model(model: nnx.Module, cfg: TrainConfig) -> nnx.Module:
 def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
     """(total loss, (cross-entropy, aux loss, #targets)) of one batch.
 
-    The cross-entropy applies lm_head in chunks of positions (`chunked_cross_entropy`).
+    The cross-entropy applies lm_head cfg.loss_chunk positions at a time (`chunked_cross_entropy`).
     images: optional (pixel_values, image_sizes) for image data (host values; not jitted here).
     """
     params = trainable if cfg.lora is None else apply_adapters(frozen, trainable, cfg.lora.scale)
     model = nnx.merge(graphdef, params)
     pixels, sizes = images if images is not None else (None, None)
     h = model.final_hidden(batch["input_ids"], pixels, sizes, attention_mask=batch["attention_mask"])
-    ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], batch["input_ids"], batch["targets"])
+    ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], batch["input_ids"], batch["targets"], cfg.loss_chunk)
     aux = jnp.zeros((), jnp.float32)
     if cfg.router_aux_weight > 0 and model.language_model.layers is not None:
         sown = nnx.pop(model, nnx.Intermediate)
