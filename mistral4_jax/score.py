@@ -155,7 +155,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
 
 
 def perplexity(model, tokens: Sequence[int], window: int = 2048, stride: int | None = None,
-               batch_size: int = 8) -> dict:
+               batch_size: int = 8, chunk: int = DEFAULT_CHUNK) -> dict:
     """Perplexity of a long token stream with a sliding window (the transformers recipe).
 
     Windows of `window` tokens start every `stride` tokens (default window // 2); each window scores
@@ -177,6 +177,6 @@ def perplexity(model, tokens: Sequence[int], window: int = 2048, stride: int | N
             scored = end
         if end == len(tokens):
             break
-    nll = -sum(lp for lp, _ in score(model, requests, batch_size))
+    nll = -sum(lp for lp, _ in score(model, requests, batch_size, chunk=chunk))
     n = len(tokens) - 1
     return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n)}

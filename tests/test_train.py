@@ -1,5 +1,6 @@
 """Fine-tuning: data handling, the sharded step, overfitting (full and LoRA), exact resume, the CLI."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -116,6 +117,11 @@ def test_full_finetune_overfits_and_resumes_exactly(tmp_path):
     assert again == losses[40:]
     logged = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 61))  # the log was cut back to the checkpoint, then continued
+    # the loss chunk changes memory, not results: another value resumes; another learning rate does not
+    chunked = Trainer(_model(seed=7), _examples(), dataclasses.replace(cfg, loss_chunk=3), tmp_path / "b")
+    assert chunked.restore() and chunked.step == 60
+    with pytest.raises(InputError, match="other settings"):
+        Trainer(_model(seed=7), _examples(), dataclasses.replace(cfg, lr=1e-3), tmp_path / "b").restore()
 
 
 def test_lora_overfits_and_the_merged_export_loads(tmp_path):

@@ -33,8 +33,13 @@ from .step import (TrainConfig, batch_sharding, compile_step, init_state, make_o
                    state_shardings)
 
 
+# Settings that change memory use, not results: a run may resume with other values of these.
+_MEMORY_ONLY = ("loss_chunk",)
+
+
 def _run_config(cfg: TrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
+    """The settings a resumed run must share with the checkpointed one."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _MEMORY_ONLY}
     d["lora"] = None if cfg.lora is None else {**dataclasses.asdict(cfg.lora), "targets": list(cfg.lora.targets)}
     return d
 
