@@ -1,7 +1,7 @@
 """Fingerprint of the default forward's program, to show that research access costs nothing unused.
 
 Prints the sha256 of the lowered StableHLO and of the optimised HLO (metadata stripped) of
-`model(ids)` and of `score`'s batch function on the tiny config. Run it on two checkouts and compare:
+`model(ids)` on the tiny config. Run it on two checkouts and compare:
 
     PYTHONPATH=/path/to/checkout python bench/default_program.py
 """
