@@ -5,6 +5,7 @@ layer; nothing is copied from the host). Presets:
 
   reduced  real width (hidden 4096, 128 experts of width 2048, MLA dims, vocabulary 131072), 4 layers,
            bf16 (fits an H100), plus the transformers reference on the same config in the same run
+           (in a child process that finishes before JAX takes the GPU)
   full     the whole depth (36 layers) with FP8 weights (`weights="fp8"`, about 119 GB; one H200)
   tiny     `ModelConfig.tiny()` on whatever JAX sees, in well under a minute on CPU (the test runs it)
 
@@ -288,6 +289,18 @@ def environment() -> dict:
     return env
 
 
+def torch_in_child(preset: str, batches, context: int, steps: int, compile: bool) -> dict:
+    """`torch_reference` in a child process, run before JAX claims the GPU (JAX takes most of its
+    memory when its backend starts, and keeps it); a failure is recorded, not raised."""
+    cmd = [sys.executable, __file__, "--preset", preset, "--torch-only",
+           json.dumps(dict(batches=list(batches), context=context, steps=steps, compile=compile))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+    return json.loads(lines[-1])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
@@ -298,26 +311,45 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers side by side")
     ap.add_argument("--json", help="where to write the figures (default bench/results/<preset>-<time>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file to append the run to")
+    ap.add_argument("--torch-only", metavar="JSON", help=argparse.SUPPRESS)  # the child of torch_in_child
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     batches = tuple(map(int, args.batches.split(","))) if args.batches else p["batches"]
     lengths = tuple(map(int, args.prefill.split(","))) if args.prefill else p["prefill"]
     tiny = args.preset == "tiny"
+    cfg = text_config(args.preset)
+    ref_cfg = cfg if tiny else text_config("reduced")
+    if args.torch_only:
+        print(json.dumps(torch_reference(ref_cfg, **json.loads(args.torch_only))))
+        return {}
 
+    reference = None
+    if p["torch"] and not args.no_torch:
+        reference = torch_in_child(args.preset, batches[:2], min(p["context"], 128), min(p["steps"], 8),
+                                   p.get("compile", True))
+        print("transformers:", reference, flush=True)
+    # JAX preallocates 75% of the GPU by default; the FP8 model alone is about 121 GB of an H200's 141.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     res = {**environment(), "preset": args.preset, "command": "python bench/bench_gpu.py " + " ".join(argv or sys.argv[1:]),
            "dtype": p["dtype"], "weights": p["weights"], "layers": p["layers"], "context": p["context"]}
-    cfg = text_config(args.preset)
+    out = Path(args.json or HERE / "results" / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(**figures):  # the JSON is rewritten after every figure, so a run cut short keeps what it measured
+        res.update(figures)
+        out.write_text(json.dumps(res, indent=1))
+
+    if reference is not None:
+        record(transformers=reference)
     bw = copy_bandwidth(64 << 20 if tiny else 4 << 30)
     peak = matmul_peak(512 if tiny else 8192)
     stated = next((v for k, v in STATED_PEAK_BF16.items() if k in res["device"]), None)
-    res.update(copy_GBps=round(bw / 1e9, 1), matmul_TFLOPs=round(peak / 1e12, 2),
-               stated_peak_TFLOPs=stated and stated / 1e12)
+    record(copy_GBps=round(bw / 1e9, 1), matmul_TFLOPs=round(peak / 1e12, 2), stated_peak_TFLOPs=stated and stated / 1e12)
     print(f"{res['device']}: copy {bw / 1e9:.1f} GB/s, bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
 
     t0 = time.perf_counter()
     model = random_model(cfg, p["dtype"], p["weights"])
-    res["param_GB"] = round(sum(leaf_bytes(model).values()) / 1e9, 3)
-    res["build_s"] = round(time.perf_counter() - t0, 1)
+    record(param_GB=round(sum(leaf_bytes(model).values()) / 1e9, 3), build_s=round(time.perf_counter() - t0, 1))
     print(f"model: {p['layers']} layers, {res['param_GB']} GB of parameters, built in {res['build_s']} s", flush=True)
 
     for impl in args.expert_impls.split(","):
@@ -325,26 +357,15 @@ def main(argv=None) -> dict:
         for b in batches:
             ms = decode_ms_per_step(m, b, p["context"], p["steps"])
             roof = 1e3 * decode_bytes(m, b, p["context"]) / bw
-            res[f"decode_{impl}_b{b}"] = {"ms_step": round(ms, 3), "tok_s": round(1e3 * b / ms, 1),
-                                          "roofline_ms": round(roof, 3), "of_roofline": round(roof / ms, 3)}
+            record(**{f"decode_{impl}_b{b}": {"ms_step": round(ms, 3), "tok_s": round(1e3 * b / ms, 1),
+                                              "roofline_ms": round(roof, 3), "of_roofline": round(roof / ms, 3)}})
             print(f"decode {impl:8s} B={b:4d}: {ms:9.3f} ms/step {1e3 * b / ms:10.1f} tok/s  "
                   f"roofline {roof:.3f} ms ({roof / ms:.0%})", flush=True)
     for n in lengths:
         tps = prefill_tokens_per_s(with_expert_impl(model, "grouped"), n, p["chunk"])
         frac = prefill_flops(cfg, n) / n * tps / peak
-        res[f"prefill_{n}"] = {"tok_s": round(tps, 1), "of_measured_peak": round(frac, 3)}
+        record(**{f"prefill_{n}": {"tok_s": round(tps, 1), "of_measured_peak": round(frac, 3)}})
         print(f"prefill T={n:6d}: {tps:12.1f} tok/s  {frac:.0%} of the measured bf16 matmul peak", flush=True)
-    del model, m
-
-    if p["torch"] and not args.no_torch:
-        ref_cfg = cfg if tiny else text_config("reduced")
-        res["transformers"] = torch_reference(ref_cfg, batches[:2], min(p["context"], 128), min(p["steps"], 8),
-                                             p.get("compile", True))
-        print("transformers:", res["transformers"], flush=True)
-
-    out = Path(args.json or HERE / "results" / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
     with open(args.results, "a") as f:
         f.write(f"\n## {res['preset']} on {res['device']} ({res['date']})\n\n"
                 f"driver {res['driver']}, jax {res['jax']}, jaxlib {res['jaxlib']}; `{res['command']}`\n\n"

@@ -173,7 +173,8 @@ def _raw_slot(pieces: list[Piece]) -> tuple[np.ndarray, str]:
     return np.stack(rows), "experts"
 
 
-def slot_value(pieces: list[Piece], slot_shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray | None]:
+def slot_value(pieces: list[Piece], slot_shape: tuple[int, ...],
+               dtype) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
     """One slot (a layer, or an unstacked parameter) read from the source: (value, scale or None).
 
     dtype "float8": an E4M3 weight with per-tensor / per-expert scales stays E4M3 and comes with its
@@ -189,9 +190,9 @@ def slot_value(pieces: list[Piece], slot_shape: tuple[int, ...], dtype) -> tuple
     raw, kind = _raw_slot(pieces)
     if dtype == "float8":
         if fp8_ok:
-            return np.asarray(_to_layout(raw, None, kind, E4M3)), scale
-        return np.asarray(_to_layout(raw, scale, kind, kept_dtype(pieces))), None
-    return np.asarray(_to_layout(raw, scale, kind, np.dtype(dtype))), None
+            return _to_layout(raw, None, kind, E4M3), scale
+        return _to_layout(raw, scale, kind, kept_dtype(pieces)), None
+    return _to_layout(raw, scale, kind, np.dtype(dtype)), None
 
 
 def fp8_slot(pieces: list[Piece], slot_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +247,9 @@ def slot_bytes(pieces: list[Piece]) -> int:
 
 
 def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype, progress=None) -> dict:
-    """The Orbax tree of one group (numpy arrays), read slot by slot; `progress(nbytes)` after each slot.
+    """The Orbax tree of one group, read slot by slot; `progress(nbytes)` after each slot. The values are
+    the host (CPU) jax arrays the layout transform returns: Orbax writes those without the defensive
+    copy it makes of numpy arrays.
 
     dtype: a numpy dtype to dequantise to, or "float8" to keep E4M3 weights (see `slot_value`)."""
     tree: dict = {"params": {}, "scales": {}}

@@ -105,13 +105,14 @@ def run_generate(args) -> int:
     prompts = [tok.encode(x, add_bos=True) for x in args.prompt] + [_parse_ids(x, "--ids") for x in args.ids]
     stop = None if args.stop is None else _parse_ids(args.stop, "--stop")
     model = _load(args)
-    cb = None
-    if args.stream:
-        def cb(step, tokens):
-            print(json.dumps({"step": step, "tokens": tokens}), file=sys.stderr, flush=True)
+
+    def print_step(step, tokens):
+        print(json.dumps({"step": step, "tokens": tokens}), file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop, callback=cb)
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                   callback=print_step if args.stream else None)
     res = {"outputs": out, "seconds": round(time.perf_counter() - t0, 3)}
     if tok is not None:
         res["texts"] = [tok.decode(o, skip_special_tokens=True) for o in out]

@@ -23,6 +23,7 @@ from . import decode
 from .errors import InputError
 from .model import check_image_tokens
 from .sharding import ACT_BV, constrain, model_mesh, to_global
+from .vision_model import PatchLayout, pad_layout, patch_layout
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many so their number does not change the compile
 
@@ -192,11 +193,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
     if longest + max_new_tokens > t.max_position_embeddings:
         raise InputError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
                          f"the context limit max_position_embeddings = {t.max_position_embeddings}")
-    layout = None
+    images = None
     if pixel_values is not None:
-        layout = model.layout_for(pixel_values, image_sizes)
+        images = bucketed_images(model, pixel_values, image_sizes)
         check_image_tokens(np.concatenate([np.asarray(p) for p in prompts]), cfg.image_token_id,
-                           sum(layout.tokens_per_image))
+                           sum(images[1].tokens_per_image))
 
     mesh = model_mesh(model)
     data = mesh.shape["data"] if mesh is not None else 1
@@ -210,9 +211,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
 
     graphdef, state = nnx.split(model)
     features = None
-    if layout is not None:
-        features = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_features(px, layout))(
-            state, to_global(np.asarray(pixel_values), mesh))
+    if images is not None:
+        px, layout = images
+        arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
+        features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
     embeds = _embed(graphdef, state, to_global(ids, mesh, ("batch",)), features)
     cache = decode.init_cache(t, b, tp + n_new, model.dtype, mesh)
     args = [to_global(x, mesh, lg) for x, lg in (
@@ -229,6 +231,29 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         finally:
             _stream["callback"] = None
     return [_trim(row[:max_new_tokens], stop) for row in out[:len(prompts)]]
+
+
+def bucketed_images(model, pixel_values, image_sizes) -> tuple[np.ndarray, PatchLayout]:
+    """pixel_values zero-padded to a power-of-two image count and patch grid, and its layout padded
+    to a power-of-two patch count: image batches of similar sizes share one vision program."""
+    layout = model.layout_for(pixel_values, image_sizes)  # validates the shapes and sizes
+    px = np.asarray(pixel_values)
+    n, c, h, w = px.shape
+    p = model.config.vision.patch_size
+    hb, wb = _pow2(-(-h // p)) * p, _pow2(-(-w // p)) * p
+    padded = np.zeros((_pow2(n), c, hb, wb), px.dtype)
+    padded[:n, :, :h, :w] = px
+    sizes = [(h, w)] * n if image_sizes is None else np.asarray(image_sizes)
+    m = model.config.spatial_merge_size
+    layout = patch_layout(sizes, (hb, wb), p, m)
+    patches = _pow2(len(layout.patch_index), m * m)
+    return padded, pad_layout(layout, patches, patches // (m * m))  # each token merges m*m patches
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _image_features(graphdef, state, pixel_values, layout_arrays):
+    layout = PatchLayout(*layout_arrays, tokens_per_image=())
+    return nnx.merge(graphdef, state).image_features(pixel_values, layout)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

@@ -98,6 +98,23 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         [B, T] (default 0..T-1). capture / intervene (research access, `probe.py`): with either, the
         result is a `ForwardOutput` (logits plus the captured per-layer arrays) instead of logits.
         """
+        h, probe = self._trunk(input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene)
+        logits = self.lm_head(h)
+        return logits if probe is None else probe.collect(self, logits, h)
+
+    def final_hidden(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
+                     positions=None, capture: Capture | None = None, intervene: Intervention | None = None):
+        """The final-norm hidden states [B, T, H] that `__call__` applies `lm_head` to, without the head.
+
+        Arguments as `__call__`. Losses that need one log-probability per position apply the head a
+        chunk at a time from here (`logprobs.target_logprobs`), so no [B, T, vocab] logits exist. With
+        capture / intervene: (hidden, `ForwardOutput` with logits None and the captured arrays).
+        """
+        h, probe = self._trunk(input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene)
+        return h if probe is None else (h, probe.collect(self, None, h))
+
+    def _trunk(self, input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene):
+        """(final hidden states [B, T, H], the forward's `Probe` or None): everything before the head."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
@@ -112,9 +129,7 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         probe = Probe.make(capture, intervene, self.config.text, b, t)
-        h = self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask, probe)
-        logits = self.lm_head(h)
-        return logits if probe is None else probe.collect(self, logits, h)
+        return self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask, probe), probe
 
     def layout_for(self, pixel_values, image_sizes) -> PatchLayout:
         if self.vision_tower is None:

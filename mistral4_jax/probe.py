@@ -134,7 +134,8 @@ def _layer_mask(cfg: TextConfig, experts: dict[int, list[int]], enabled: bool) -
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOutput:
-    """Logits [B, T, V] and the arrays a `Capture` asked for (None otherwise); shapes in `Capture`."""
+    """Logits [B, T, V] (None from `final_hidden`) and the arrays a `Capture` asked for (None otherwise);
+    shapes in `Capture`."""
 
     logits: jax.Array
     hidden_states: jax.Array | None = None

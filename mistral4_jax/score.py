@@ -4,7 +4,9 @@
 (context_ids, continuation_ids) it returns the summed log-probability of the continuation given the
 context and whether the continuation is the greedy one (argmax at every position). Requests are
 grouped into batches padded to power-of-two sizes and lengths, so a whole evaluation compiles a
-handful of programs; each batch is one jitted teacher-forced forward (the full-sequence model).
+handful of programs; each batch is one jitted teacher-forced forward (the full-sequence model) up to
+the final hidden states, then the lm_head and log-softmax a chunk of positions at a time
+(`logprobs.target_logprobs`), so no [B, T, vocab] logits are ever held.
 """
 
 from __future__ import annotations
@@ -20,30 +22,41 @@ from flax import nnx
 
 from .errors import InputError
 from .generate import _check_int, _pow2, validate_ids
+from .logprobs import DEFAULT_CHUNK, chunk_layout, target_logprobs
 from .probe import Capture, ForwardOutput, Intervention, ResidualPatch
 from .sharding import model_mesh, to_global
 
 
+def continuation_sums(logp_bt: jax.Array, is_argmax_bt: jax.Array, weights_bt: jax.Array):
+    """(sum_t w[b,t] * logp[b,t] [B], all_t(w[b,t] == 0 or is_argmax[b,t]) [B]) of per-token values."""
+    return (logp_bt * weights_bt).sum(-1), (is_argmax_bt | (weights_bt == 0)).all(-1)
+
+
 def continuation_logprobs(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array):
-    """sum_t w[b,t] * log_softmax(logits[b,t])[target[b,t]] and all_t(w -> argmax == target); fp32."""
+    """sum_t w[b,t] * log_softmax(logits[b,t])[target[b,t]] and all_t(w -> argmax == target); fp32.
+
+    The whole-logits form; `score` computes the same from hidden states in chunks (`target_logprobs`).
+    """
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     tok_lp = jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
-    greedy = (jnp.argmax(logits_btv, axis=-1) == targets_bt) | (weights_bt == 0)
-    return (tok_lp * weights_bt).sum(-1), greedy.all(-1)
+    return continuation_sums(tok_lp, jnp.argmax(logits_btv, axis=-1) == targets_bt, weights_bt)
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _score_batch(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt):
+@partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score_batch(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, chunk=DEFAULT_CHUNK):
     model = nnx.merge(graphdef, state)
-    logits = model(ids_bt, attention_mask=mask_bt)
-    return continuation_logprobs(logits, targets_bt, weights_bt)
+    h = model.final_hidden(ids_bt, attention_mask=mask_bt)
+    return continuation_sums(*target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk), weights_bt)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capture"))
-def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, capture, intervene):
+@partial(jax.jit, static_argnames=("graphdef", "capture", "chunk"))
+def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, capture, intervene,
+                        chunk=DEFAULT_CHUNK):
+    """As `_score_batch`, plus the `ForwardOutput` of the captures (its logits None: nothing reads them)."""
     model = nnx.merge(graphdef, state)
-    out = model(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
-    return continuation_logprobs(out.logits, targets_bt, weights_bt), out
+    h, out = model.final_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
+    lp, top = target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk)
+    return continuation_sums(lp, top, weights_bt), out
 
 
 def _captured_row(out: ForwardOutput, row: int, n: int, b: int) -> dict:
@@ -74,10 +87,12 @@ def _batch_intervention(iv: Intervention | None, rows: dict[int, int]) -> Interv
 
 
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, *,
-          capture: Capture | None = None, intervene: Intervention | None = None) -> list[tuple]:
+          capture: Capture | None = None, intervene: Intervention | None = None,
+          chunk: int = DEFAULT_CHUNK) -> list[tuple]:
     """[(sum of log p(continuation | context), is_greedy)] per (context_ids, continuation_ids) request.
 
     The context needs at least one token (the first token has nothing to be predicted from).
+    chunk: positions per lm_head application (memory [batch, chunk, vocab] float32; see logprobs.py).
     Research access (probe.py): `capture` adds a third element per request, a dict of numpy arrays cut
     to the request's input tokens (context + continuation minus the last token, n of them):
     hidden_states [L+1, n, H], router_logits / topk_ids / topk_weights [L_moe, n, .], attentions
@@ -88,6 +103,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     if not isinstance(requests, (list, tuple)) or not requests:
         raise InputError("requests must be a non-empty list of (context_ids, continuation_ids)")
     _check_int("batch_size", batch_size, 1)
+    chunk_layout(1, chunk)  # refuses a bad chunk before any compile
     ctxs, conts = [], []
     for i, r in enumerate(requests):
         if not isinstance(r, (list, tuple)) or len(r) != 2:
@@ -127,9 +143,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
         args = [to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt, w)]
         if probed:
             iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
-            (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv)
+            (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv, chunk=chunk)
         else:
-            lp, greedy = _score_batch(graphdef, state, *args)
+            lp, greedy = _score_batch(graphdef, state, *args, chunk=chunk)
         lp, greedy = np.asarray(jax.device_get(lp)), np.asarray(jax.device_get(greedy))
         for row, i in enumerate(idx):
             results[i] = (float(lp[row]), bool(greedy[row]))

@@ -69,6 +69,21 @@ def patch_layout(image_sizes, padded_hw: tuple[int, int], patch_size: int, merge
                        np.concatenate(merge_idx).astype(np.int32), tuple(per_image))
 
 
+
+def pad_layout(layout: PatchLayout, patches: int, tokens: int) -> PatchLayout:
+    """`layout` with its patch sequence padded to `patches` and its merged tokens to `tokens`.
+
+    Padding patches read grid cell 0 and form their own segment (-1), so no real patch attends to
+    them; padding merged tokens come after the real ones, and `embed` scatters only the real ones.
+    """
+    def pad(a, n, value=0):
+        if n < len(a):
+            raise ValueError(f"cannot pad {len(a)} entries down to {n}")
+        return np.concatenate([a, np.full((n - len(a),) + a.shape[1:], value, a.dtype)])
+
+    return PatchLayout(pad(layout.patch_index, patches), pad(layout.rows, patches), pad(layout.cols, patches),
+                       pad(layout.segment, patches, -1), pad(layout.merge_index, tokens), layout.tokens_per_image)
+
 class PixtralAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size

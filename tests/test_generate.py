@@ -220,3 +220,22 @@ def test_cli_generate_prints_the_generations(pair, capsys):
     assert out["outputs"] == generate(jm, [[1, 50, 60], [1, 70, 80, 90]], max_new_tokens=8, stop_tokens=[])
     assert main(["generate", "--model", jm.path, "--ids", "1,2,999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_images_of_sizes_in_one_bucket_share_one_vision_program(pair):
+    """Image counts, pixel grids, patch and token counts are padded to powers of two before the vision
+    tower runs; the results must still be the reference's (the padding is invisible)."""
+    from mistral4_jax.generate import _image_features
+
+    ref, jm = pair
+    sizes = [(56, 84), (28, 56)]
+    px, isz = R.pixel_batch(sizes, seed=64)
+    prompt = R.image_prompt(sizes)
+    generate(jm, [prompt], max_new_tokens=3, stop_tokens=[], pixel_values=px, image_sizes=isz)
+    n = _image_features._cache_size()
+    sizes = [(42, 70), (56, 42)]  # other sizes, the same buckets (grid 4 x 8, 32 patches)
+    px, isz = R.pixel_batch(sizes, seed=65)
+    prompt = R.image_prompt(sizes)
+    out = generate(jm, [prompt], max_new_tokens=6, stop_tokens=[], pixel_values=px, image_sizes=isz)
+    assert _image_features._cache_size() == n
+    _assert_teacher_forced(ref, prompt, out[0], px, isz)

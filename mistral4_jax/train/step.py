@@ -26,6 +26,7 @@ from .. import moe
 from ..errors import InputError
 from .. import sharding as shard_lib
 from ..config import TextConfig
+from ..logprobs import DEFAULT_CHUNK, target_logprobs
 from .lora import LoRAConfig, apply_adapters
 
 
@@ -44,15 +45,17 @@ class TrainConfig:
     batch_size: int = 8
     max_len: int = 512
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    loss_chunk: int = DEFAULT_CHUNK  # positions per lm_head chunk in the loss: [batch, loss_chunk, vocab] fp32
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, fp32 optimizer state
     router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
     lora: LoRAConfig | None = None
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.max_len < 2:
-            raise InputError("steps and batch_size must be >= 1 and max_len >= 2, got "
-                             f"steps={self.steps}, batch_size={self.batch_size}, max_len={self.max_len}")
+        if self.steps < 1 or self.batch_size < 1 or self.max_len < 2 or self.loss_chunk < 1:
+            raise InputError("steps, batch_size and loss_chunk must be >= 1 and max_len >= 2, got "
+                             f"steps={self.steps}, batch_size={self.batch_size}, loss_chunk={self.loss_chunk}, "
+                             f"max_len={self.max_len}")
 
     @property
     def warmup(self) -> int:
@@ -70,6 +73,23 @@ def masked_cross_entropy(logits_btv: jax.Array, input_ids_bt: jax.Array, targets
     w = targets_bt[:, 1:].astype(jnp.float32)
     n = w.sum()
     return (nll * w).sum() / jnp.maximum(n, 1.0), n
+
+
+def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, input_ids_bt: jax.Array,
+                          targets_bt: jax.Array, chunk: int = DEFAULT_CHUNK):
+    """`masked_cross_entropy` of the logits hidden @ kernel without forming them: (loss, #targets).
+
+    hidden [B, T, D] (the final-norm states), kernel [D, V] (lm_head). Position t predicts ids[t+1];
+    the last position has no target and weight 0. The head runs `chunk` positions at a time, forward
+    and backward (`logprobs.target_logprobs`), so memory is [B, chunk, V] rather than [B, T, V].
+    """
+    ids = jnp.asarray(input_ids_bt)
+    last = jnp.zeros_like(ids[:, :1])
+    next_bt = jnp.concatenate([ids[:, 1:], last], axis=1)
+    w = jnp.concatenate([jnp.asarray(targets_bt)[:, 1:].astype(jnp.float32), last.astype(jnp.float32)], axis=1)
+    logp, _ = target_logprobs(hidden_btd, kernel_dv, next_bt, chunk=chunk)
+    n = w.sum()
+    return -(logp * w).sum() / jnp.maximum(n, 1.0), n
 
 
 def load_balancing_loss(router_logits_lte: jax.Array, valid_t: jax.Array, cfg: TextConfig) -> jax.Array:
@@ -104,13 +124,14 @@ def prepare_model(model: nnx.Module, cfg: TrainConfig) -> nnx.Module:
 def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
     """(total loss, (cross-entropy, aux loss, #targets)) of one batch.
 
+    The cross-entropy applies lm_head cfg.loss_chunk positions at a time (`chunked_cross_entropy`).
     images: optional (pixel_values, image_sizes) for image data (host values; not jitted here).
     """
     params = trainable if cfg.lora is None else apply_adapters(frozen, trainable, cfg.lora.scale)
     model = nnx.merge(graphdef, params)
     pixels, sizes = images if images is not None else (None, None)
-    logits = model(batch["input_ids"], pixels, sizes, attention_mask=batch["attention_mask"])
-    ce, n = masked_cross_entropy(logits, batch["input_ids"], batch["targets"])
+    h = model.final_hidden(batch["input_ids"], pixels, sizes, attention_mask=batch["attention_mask"])
+    ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], batch["input_ids"], batch["targets"], cfg.loss_chunk)
     aux = jnp.zeros((), jnp.float32)
     if cfg.router_aux_weight > 0 and model.language_model.layers is not None:
         sown = nnx.pop(model, nnx.Intermediate)
