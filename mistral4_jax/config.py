@@ -19,7 +19,10 @@ from typing import Any
 
 from .errors import ConfigError
 
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+# transformers' ACT2FN names that ops.activation implements (the parameter-free ones)
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new",
+               "gelu_fast", "gelu_accurate", "gelu_10", "quick_gelu", "relu", "relu2", "relu6", "leaky_relu", "mish",
+               "hardswish", "sigmoid", "tanh", "linear")
 
 
 @dataclass(frozen=True)
@@ -286,12 +289,27 @@ def _pick(d: dict, cls, source: str, renames: dict[str, str] | None = None, skip
     return out
 
 
-def _parse_rope(d: dict[str, Any] | None, source: str) -> RopeConfig:
+def _parse_rope(d: dict[str, Any] | None, source: str, max_position_embeddings: int) -> RopeConfig:
+    """An absent dict is Mistral4Config's default one (the RopeConfig defaults). In a given dict, an
+    absent key means what it means to transformers' YaRN init: no mscale / mscale_all_dim (the cos/sin
+    factor is then 0.1 ln(factor) + 1), original_max_position_embeddings = max_position_embeddings,
+    factor = max_position_embeddings / original_max, and beta_fast / beta_slow 0 or null = 32 / 1."""
     if d is None:
         return RopeConfig()
     d = dict(d)
     if "rope_type" not in d and "type" in d:
         d["rope_type"] = d["type"]
+    if d.get("llama_4_scaling_beta") is None:
+        raise ConfigError(f"{source}: text_config.rope_parameters.llama_4_scaling_beta is missing (Mistral 4 scales "
+                          "queries by 1 + beta * ln(1 + floor(pos / original_max)); the released value is 0.1)")
+    d.setdefault("mscale", None)
+    d.setdefault("mscale_all_dim", None)
+    if d.get("original_max_position_embeddings") is None:
+        d["original_max_position_embeddings"] = max_position_embeddings
+    if d.get("factor") is None:
+        d["factor"] = max_position_embeddings / d["original_max_position_embeddings"]
+    d["beta_fast"] = d.get("beta_fast") or 32.0
+    d["beta_slow"] = d.get("beta_slow") or 1.0
     return RopeConfig(**_pick(d, RopeConfig, source))
 
 
@@ -322,7 +340,8 @@ def _parse_text(d: dict[str, Any], source: str) -> TextConfig:
             raise ConfigError(f"{source}: text_config.rope_parameters.partial_rotary_factor ({prf}) times qk_head_dim "
                               f"({qk}) must equal qk_rope_head_dim: RoPE covers exactly the rope part of each head")
     try:
-        return TextConfig(rope=_parse_rope(rope, source), **kw)
+        max_pos = kw.get("max_position_embeddings", TextConfig.max_position_embeddings)
+        return TextConfig(rope=_parse_rope(rope, source, max_pos), **kw)
     except TypeError as e:
         raise ConfigError(f"{source}: bad text_config ({e})") from None
 
@@ -379,8 +398,14 @@ def _parse_hf(d: dict[str, Any], source: str) -> ModelConfig:
     vision = _parse_vision(d.get("vision_config") or {}, source)
     kw = _pick(d, ModelConfig, source, renames={"image_token_index": "image_token_id"},
                skip=("text", "vision", "quantization"))
-    if isinstance(kw.get("vision_feature_layer"), list):
-        raise ConfigError(f"{source}: a list vision_feature_layer is not supported (expected one int)")
+    vfl = kw.get("vision_feature_layer")
+    if isinstance(vfl, (list, tuple)):
+        # transformers concatenates the listed layers' features, which its projector (norm and merger
+        # sized for one layer's vision hidden_size) accepts only for a single layer
+        if len(vfl) != 1:
+            raise ConfigError(f"{source}: vision_feature_layer {list(vfl)} is not supported: the projector takes one "
+                              "layer's features (expected an int or a one-element list)")
+        kw["vision_feature_layer"] = vfl[0]
     # Mistral3Config defaults tie_word_embeddings to true: an absent key means tied (spec 1.1).
     kw.setdefault("tie_word_embeddings", True)
     return ModelConfig(text=text, vision=vision, quantization=quant, **kw)

@@ -222,7 +222,8 @@ def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expecte
                 piece = Piece(f, name, kind.format(**fmt), layer, int(g["e"]) if g.get("e") is not None else None, scale)
                 plan.setdefault(path, []).append(piece)
                 break
-        if piece is None:
+        # An empty tensor with no slot is a zero-width module (n_shared_experts = 0): nothing to load.
+        if piece is None and 0 not in f.shape(name):
             unexpected.append(name)
     if "lm_head/kernel" not in plan and cfg.tie_word_embeddings and "language_model/embed_tokens/embedding" in plan:
         emb = plan["language_model/embed_tokens/embedding"][0]

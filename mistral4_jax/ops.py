@@ -20,14 +20,33 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * y.astype(x.dtype)
 
 
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_erf(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+# transformers' ACT2FN names (activations.py) of the parameter-free elementwise functions
+_ACTIVATIONS = {
+    "silu": jax.nn.silu, "swish": jax.nn.silu,
+    "gelu": _gelu_erf, "gelu_python": _gelu_erf,
+    "gelu_pytorch_tanh": _gelu_tanh, "gelu_python_tanh": _gelu_tanh, "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh, "gelu_accurate": _gelu_tanh,
+    "gelu_10": lambda x: jnp.clip(_gelu_erf(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)), "hardswish": jax.nn.hard_swish,
+    "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "linear": lambda x: x,
+}
+
+
 def activation(name: str):
-    """The activation functions transformers' ACT2FN names (`gelu` is the exact erf form)."""
-    return {
-        "silu": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-    }[name]
+    """The activation function transformers' ACT2FN calls `name` (`gelu` is the exact erf form;
+    `gelu_new`, `gelu_fast`, `gelu_accurate` are the tanh form)."""
+    return _ACTIVATIONS[name]
 
 
 # ---------------------------------------------------------------------- text RoPE (spec 3.3.2)
