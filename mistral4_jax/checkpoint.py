@@ -22,7 +22,6 @@ the `quant.FP8_TARGETS` parameters as `quant.Fp8Weight`s (E4M3 values and these 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from functools import partial

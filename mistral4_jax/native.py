@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .safetensors_io import SafetensorsFile, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."

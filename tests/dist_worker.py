@@ -18,8 +18,6 @@ jax.config.update("jax_num_cpu_devices", 2)
 ckpt, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 
-import numpy as np  # noqa: E402
-
 from mistral4_jax import from_pretrained, generate, score  # noqa: E402
 from mistral4_jax.sharding import make_mesh  # noqa: E402
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mistral4_jax import ConfigError, ModelConfig, TextConfig
+from mistral4_jax import ConfigError, ModelConfig
 from mistral4_jax import ops
 from mistral4_jax.config import RopeConfig
 

@@ -1,6 +1,5 @@
 """Bad checkpoints and inputs get one clear error naming the file, tensor or argument."""
 
-import json
 import shutil
 
 import numpy as np
