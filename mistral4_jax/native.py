@@ -23,8 +23,8 @@ from .errors import CheckpointError, ConfigError
 from .safetensors_io import SafetensorsFile, check_shard_numbers, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."
-_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a_with_mqa": "kv_a_proj_with_mqa",
-         "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+         "wkv_a_with_mqa": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _FFN = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _VISION_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 

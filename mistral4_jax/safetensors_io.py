@@ -132,8 +132,9 @@ def check_shard_numbers(files: list[Path]) -> list[Path]:
         if m:
             series.setdefault((m["stem"], m["n"]), set()).add(int(m["i"]))
     for (stem, n), have in sorted(series.items()):
-        missing = [f"{stem}-{i:0{len(n)}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in have]
-        if missing:
-            raise CheckpointError(f"{Path(files[0]).parent}: shard file(s) missing (no index to say more): "
-                                  + ", ".join(missing))
+        if len(have) < int(n):
+            gaps = [i for i in range(1, min(int(n), 100_000) + 1) if i not in have]
+            names = ", ".join(f"{stem}-{i:0{len(n)}d}-of-{n}.safetensors" for i in gaps[:8])
+            raise CheckpointError(f"{Path(files[0]).parent}: shard file(s) missing (no index to say more): {names}"
+                                  + (f" and {int(n) - len(have) - 8} more" if int(n) - len(have) > 8 else ""))
     return files
