@@ -116,7 +116,10 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             dst.rename(old)
             tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --overwrite of a plain file (or a link): rmtree would leave it behind
+                old.unlink()
         else:
             tmp.rename(dst)
     except BaseException:

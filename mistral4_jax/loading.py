@@ -26,7 +26,7 @@ from . import sharding as shard_lib
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Mistral3ForConditionalGeneration
-from .safetensors_io import FP8, SafetensorsFile, indexed_shards
+from .safetensors_io import FP8, SafetensorsFile, check_shard_numbers, indexed_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -148,7 +148,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
             raise CheckpointError(f"{d}: only pickle files ({', '.join(pickled)}) found; they are never loaded "
                                   "(unpickling runs code). Save the weights as .safetensors")
         raise CheckpointError(f"{d}: no *.safetensors weight files found")
-    return files
+    return check_shard_numbers(files)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError
-from .safetensors_io import SafetensorsFile, indexed_shards
+from .errors import CheckpointError, ConfigError
+from .safetensors_io import SafetensorsFile, check_shard_numbers, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."
-_ATTN = {"wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a_with_mqa": "kv_a_proj_with_mqa",
-         "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+         "wkv_a_with_mqa": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _FFN = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _VISION_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 
@@ -155,6 +155,8 @@ def hf_config_dict(params: dict, source: str = "params.json") -> tuple[dict, dic
     for key in ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "kv_lora_rank", "v_head_dim"):
         if key in params:
             text[key] = params[key]
+    if text.get("q_lora_rank") == 0:  # Mistral / DeepSeek reference code: rank 0 means a plain `wq`, no LoRA
+        text["q_lora_rank"] = None
     overrides = {"apply_yarn_mscale": True} if yarn.get("apply_scale", False) else {}
     quant = params.get("quantization") or {}
     qcfg = None
@@ -202,7 +204,7 @@ def native_files(path: str | os.PathLike) -> list[Path]:
     index = d / "consolidated.safetensors.index.json"
     if index.exists():
         return indexed_shards(index)
-    return sorted(d.glob("consolidated*.safetensors"))
+    return check_shard_numbers(sorted(d.glob("consolidated*.safetensors")))
 
 
 def open_native(path: str | os.PathLike):

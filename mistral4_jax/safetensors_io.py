@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -116,4 +117,24 @@ def indexed_shards(index: Path) -> list[Path]:
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+    return files
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def check_shard_numbers(files: list[Path]) -> list[Path]:
+    """`files` unchanged, after checking that every `NAME-0000i-of-0000n.safetensors` series among them is
+    complete: without an index, a missing shard would otherwise surface only as missing tensors."""
+    series: dict[tuple[str, str], set[int]] = {}
+    for f in files:
+        m = _SHARD.match(Path(f).name)
+        if m:
+            series.setdefault((m["stem"], m["n"]), set()).add(int(m["i"]))
+    for (stem, n), have in sorted(series.items()):
+        if len(have) < int(n):
+            gaps = [i for i in range(1, min(int(n), 100_000) + 1) if i not in have]
+            names = ", ".join(f"{stem}-{i:0{len(n)}d}-of-{n}.safetensors" for i in gaps[:8])
+            raise CheckpointError(f"{Path(files[0]).parent}: shard file(s) missing (no index to say more): {names}"
+                                  + (f" and {int(n) - len(have) - 8} more" if int(n) - len(have) > 8 else ""))
     return files
