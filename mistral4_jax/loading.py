@@ -10,7 +10,6 @@ time; FP8 weights are dequantised with their own per-tensor (or per-expert) scal
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -142,6 +141,9 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     if index.exists():
         return indexed_shards(index)
     files = sorted(d.glob("*.safetensors"))
+    hf_files = [f for f in files if not f.name.startswith("consolidated")]
+    if hf_files and (d / "params.json").exists():  # a full snapshot: the native copy sits beside the HF one
+        files = hf_files
     if not files:
         pickled = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickled:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .safetensors_io import SafetensorsFile, check_shard_numbers, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."
@@ -110,8 +110,15 @@ class _PermutedQK:
 
 # ---------------------------------------------------------------------- params.json
 def is_native_dir(path: str | os.PathLike) -> bool:
+    """params.json + consolidated*.safetensors, and no HF copy beside them. The released repository
+    ships both copies (byte-identical tensors, spec 2.1); a full snapshot is read through its HF side,
+    whose config.json is the one the reference reads."""
     d = Path(path)
-    return d.is_dir() and (d / "params.json").exists() and any(d.glob("consolidated*.safetensors"))
+    if not (d.is_dir() and (d / "params.json").exists() and any(d.glob("consolidated*.safetensors"))):
+        return False
+    hf_weights = (d / "model.safetensors.index.json").exists() or any(
+        not f.name.startswith("consolidated") for f in d.glob("*.safetensors"))
+    return not ((d / "config.json").exists() and hf_weights)
 
 
 def _need(d: dict, key: str, source: str, where: str = ""):

@@ -12,6 +12,7 @@ and a text-only model.
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,21 @@ def test_weights_fp8_of_a_float32_source_is_per_row_e4m3(sources, text_inputs, t
     assert _err(from_pretrained(src, dtype="float32", weights="fp8"), want, text_inputs) < QTOL
     dst = convert(src, tmp_path / "f32", dtype="float32", quiet=True)
     assert _err(from_pretrained(dst, dtype="float32", weights="fp8"), want, text_inputs) < QTOL
+    assert _err(from_pretrained(dst, dtype="float32"), ref, text_inputs) < TOL
+
+
+def test_a_full_snapshot_with_both_copies_reads_the_hf_side(sources, text_inputs, tmp_path):
+    """The released repository ships the HF and the native copy side by side (spec 2.1). Here the native
+    copy holds FP8-rounded weights, so reading it would miss the unrounded reference by far more than TOL."""
+    ref, hf = sources["text_fp32"]
+    _, native = sources["text_native_fp8"]
+    snap = tmp_path / "snapshot"
+    shutil.copytree(hf, snap)
+    for f in native.iterdir():
+        if f.name == "params.json" or f.name.startswith("consolidated"):
+            shutil.copy(f, snap / f.name)
+    assert _err(from_pretrained(snap, dtype="float32"), ref, text_inputs) < TOL
+    dst = convert(snap, tmp_path / "f32", dtype="float32", quiet=True)
     assert _err(from_pretrained(dst, dtype="float32"), ref, text_inputs) < TOL
 
 
