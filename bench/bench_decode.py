@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     import reference as R
     from mistral4_jax import from_pretrained, generate
     from mistral4_jax.config import ModelConfig
-    from mistral4_jax.model import Mistral3ForConditionalGeneration
+    from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 
     res = {"jax": jax.__version__, "backend": jax.devices()[0].platform, "device": str(jax.devices()[0].device_kind),
            "new_tokens": args.new, "prompt": args.prompt}

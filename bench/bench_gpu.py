@@ -47,9 +47,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mistral4_jax import decode, quant  # noqa: E402
+from mistral4_jax.model import cache as decode
+from mistral4_jax.model import fp8  # noqa: E402
 from mistral4_jax.config import ModelConfig  # noqa: E402
-from mistral4_jax.model import Mistral3ForConditionalGeneration  # noqa: E402
+from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration  # noqa: E402
 
 PRESETS = {
     "reduced": dict(layers=4, dtype="bfloat16", weights=None, batches=(1, 8, 64, 128), prefill=(2048, 8192, 32768),
@@ -74,7 +75,7 @@ def _random(key, shape, dtype, kind):
     if kind == "ones":
         return jnp.ones(shape, dtype)
     w = jax.random.normal(key, shape, jnp.float32) * 0.02
-    return quant.quantize(w, dtype) if kind == "fp8" else w.astype(dtype)
+    return fp8.quantize(w, dtype) if kind == "fp8" else w.astype(dtype)
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -91,7 +92,7 @@ def random_model(cfg: ModelConfig, dtype, weights=None, seed: int = 0) -> nnx.Mo
     out = []
     for i, (p, var) in enumerate(nnx.to_flat_state(state)):
         path, shape = "/".join(map(str, p)), tuple(var.shape)
-        kind = "ones" if path.endswith("norm/weight") else ("fp8" if weights == "fp8" and quant.is_fp8_target(path)
+        kind = "ones" if path.endswith("norm/weight") else ("fp8" if weights == "fp8" and fp8.is_fp8_target(path)
                                                              else "normal")
         key = jax.random.fold_in(root, i)
         if "/layers/" not in path or np.prod(shape) * 4 <= (1 << 30):  # small: one generator call
@@ -181,7 +182,7 @@ def prefill_tokens_per_s(model, length: int, chunk: int) -> float:
 
 # ---------------------------------------------------------------------- rooflines
 def leaf_bytes(model) -> dict[str, int]:
-    return {"/".join(map(str, p)): quant.param_bytes(v.get_value())
+    return {"/".join(map(str, p)): fp8.param_bytes(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral4_jax import ModelConfig, synthetic  # noqa: E402
+from mistral4_jax import ModelConfig
+from mistral4_jax.demo import synthetic  # noqa: E402
 from mistral4_jax.config import VisionConfig  # noqa: E402
 
 

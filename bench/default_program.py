@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mistral4_jax.config import ModelConfig
-from mistral4_jax.model import Mistral3ForConditionalGeneration
+from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 
 
 def _strip(text: str) -> str:

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral4_jax.config import ModelConfig
-from mistral4_jax.model import Mistral3ForConditionalGeneration
+from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.train.step import TrainConfig, loss_fn, masked_cross_entropy, prepare_model
 
-score_mod = importlib.import_module("mistral4_jax.score")  # the package exports the function `score`
+score_mod = importlib.import_module("mistral4_jax.inference.score")  # the package exports the function `score`
 MiB = 2 ** 20
 
 

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mistral4_jax.synthetic_tokenizer import CORPUS, tekken_json
-from mistral4_jax.tokenizer import Tokenizer
+from mistral4_jax.demo.synthetic_tokenizer import CORPUS, tekken_json
+from mistral4_jax.text.tokenizer import Tokenizer
 
 
 def main():

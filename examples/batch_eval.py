@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from mistral4_jax import Tokenizer, from_pretrained, perplexity, score
-from mistral4_jax.demo import model_or_tiny, zen_of_python
+from mistral4_jax.demo.tiny import model_or_tiny, zen_of_python
 
 QUESTIONS = [  # (question, choices, index of the right one)
     ("What is the capital of France?", ["Paris", "London", "Berlin"], 0),

@@ -9,8 +9,8 @@ import sys
 import tempfile
 
 from mistral4_jax import Tokenizer, from_pretrained, generate
-from mistral4_jax.demo import demo_image, model_or_tiny
-from mistral4_jax.streaming import ChatStream
+from mistral4_jax.demo.tiny import demo_image, model_or_tiny
+from mistral4_jax.text.streaming import ChatStream
 
 
 def main(argv=None) -> int:

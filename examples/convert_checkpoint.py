@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.converter import convert
+from mistral4_jax.checkpoints.convert import convert
 from mistral4_jax import ModelConfig, from_pretrained
-from mistral4_jax.synthetic import write_checkpoint
+from mistral4_jax.demo.synthetic import write_checkpoint
 from mistral4_jax.sharding import make_mesh
 
 

@@ -41,9 +41,9 @@ CODE = [
 
 
 def tiny_model_dir(root: Path) -> Path:
-    from mistral4_jax import synthetic
+    from mistral4_jax.demo import synthetic
     from mistral4_jax.config import ModelConfig
-    from mistral4_jax.synthetic_tokenizer import write_tekken
+    from mistral4_jax.demo.synthetic_tokenizer import write_tekken
 
     path = root / "tiny-mistral4"
     synthetic.write_checkpoint(path, ModelConfig.tiny(), fp8=False, seed=0)
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from mistral4_jax import Tokenizer, from_pretrained
-    from mistral4_jax.expert_stats import expert_load
-    from mistral4_jax.probe import Intervention
+    from mistral4_jax.research.expert_stats import expert_load
+    from mistral4_jax.model.hooks import Intervention
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from mistral4_jax import Tokenizer, from_pretrained, generate
-from mistral4_jax.demo import QUESTIONS, training_chats
-from mistral4_jax.synthetic import write_checkpoint
-from mistral4_jax.synthetic_tokenizer import write_tekken
+from mistral4_jax.demo.tiny import QUESTIONS, training_chats
+from mistral4_jax.demo.synthetic import write_checkpoint
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
 from mistral4_jax import ImageConfig, ModelConfig
 from mistral4_jax.train import LoRAConfig, TrainConfig, finetune
 

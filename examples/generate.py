@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from mistral4_jax import Tokenizer, from_pretrained, generate
-from mistral4_jax.demo import model_or_tiny
+from mistral4_jax.demo.tiny import model_or_tiny
 
 
 def main(argv=None) -> int:

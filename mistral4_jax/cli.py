@@ -26,7 +26,7 @@ def add_demo(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from .demo import run_demo as demo
+    from .demo.tiny import run_demo as demo
 
     with tempfile.TemporaryDirectory() as tmp:
         demo(Path(args.dir or tmp), train_steps=args.train_steps, color=sys.stdout.isatty())
@@ -41,7 +41,7 @@ def _add_model_args(p) -> None:
 
 
 def _load(args):
-    from .loading import from_pretrained
+    from .checkpoints.load import from_pretrained
     from .sharding import make_mesh
 
     mesh = None
@@ -64,7 +64,7 @@ def _parse_ids(text: str, what: str) -> list[int]:
 def _tokenizer_for(model_dir: str):
     """The tokenizer beside the model (tekken.json or tokenizer.json), or a clear exit."""
     from .errors import CheckpointError
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
 
     d = Path(model_dir)
     if d.is_dir() and not any((d / f).is_file() for f in ("tekken.json", "tokenizer.json")):
@@ -97,7 +97,7 @@ def add_generate(sub) -> None:
 def run_generate(args) -> int:
     import json
 
-    from .generate import generate
+    from .inference.generate import generate
 
     if not args.prompt and not args.ids:
         raise SystemExit("mistral4-jax generate: give at least one --prompt TEXT or --ids ID,ID,...")
@@ -146,8 +146,8 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from .generate import generate
-    from .streaming import ChatStream
+    from .inference.generate import generate
+    from .text.streaming import ChatStream
 
     tok = _tokenizer_for(args.model)
     messages = []
@@ -220,7 +220,7 @@ def run_eval(args) -> int:
     import math
 
     from .errors import InputError
-    from .score import perplexity, score
+    from .inference.score import perplexity, score
 
     requests, texts = read_eval_data(args.data)
     model = _load(args)
@@ -239,7 +239,7 @@ def run_eval(args) -> int:
         total_nll, total_tok = sum(p["nll"] for p in per), sum(p["tokens"] for p in per)
         out["perplexity"] = {"texts": per, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
     if args.expert_stats:
-        from .expert_stats import expert_load
+        from .research.expert_stats import expert_load
 
         load = expert_load(model, [c + x for _, c, x in requests] + [ids for _, ids in texts],
                            batch_size=args.batch_size,
@@ -308,7 +308,7 @@ def run_finetune(args) -> int:
 
 
 def add_convert(sub) -> None:
-    from convert import add_arguments
+    from .checkpoints.convert import add_arguments
 
     p = sub.add_parser("convert", help="convert an HF or Mistral-native safetensors checkpoint to sharded Orbax",
                        description="Streams the source one layer at a time (bounded memory), writes Orbax "
@@ -322,7 +322,7 @@ def run_convert(args) -> int:
     import os
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; do not claim an accelerator
-    from convert.converter import run
+    from mistral4_jax.checkpoints.convert import run
 
     return run(args)
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from mistral4_jax import InputError
-from mistral4_jax.image_processing import ImageConfig
-from mistral4_jax.synthetic_tokenizer import write_tekken
-from mistral4_jax.tokenizer import Tokenizer
+from mistral4_jax.text.images import ImageConfig
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.tokenizer import Tokenizer
 
 BOS, EOS, INST, INST_END, TOOLS, TOOLS_END, RES, RES_END, CALLS = 1, 2, 3, 4, 5, 6, 7, 8, 9
 IMG, IMG_BREAK, IMG_END, SYS, SYS_END, ARGS, THINK, THINK_END, SET, SET_END = 10, 12, 13, 17, 18, 32, 34, 35, 36, 37
@@ -183,7 +183,7 @@ def test_prompt_fits_the_model_image_layout(tok):
     from flax import nnx
 
     from mistral4_jax import Mistral3ForConditionalGeneration, ModelConfig
-    from mistral4_jax.model import check_image_tokens
+    from mistral4_jax.inputs import check_image_tokens
 
     cfg = ModelConfig.tiny()
     model = nnx.eval_shape(lambda: Mistral3ForConditionalGeneration(cfg, jnp.float32, rngs=nnx.Rngs(0)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mistral4_jax import ConfigError, ModelConfig
-from mistral4_jax import ops
+from mistral4_jax.model import ops
 from mistral4_jax.config import RopeConfig
 
 # Spec 3.3.2: omega_i for the released rope settings.
@@ -61,7 +61,7 @@ def test_softmax_scale_release_and_switch():
 def test_real_model_parameter_count():
     """Spec 1.5: the weights (no FP8 scales) of the released model sum to 119,401,298,944."""
     import jax.numpy as jnp
-    from mistral4_jax.loading import abstract_model, param_shapes
+    from mistral4_jax.checkpoints.load import abstract_model, param_shapes
 
     shapes = param_shapes(abstract_model(ModelConfig.mistral_small_4(), jnp.bfloat16))
     assert sum(math.prod(s) for s in shapes.values()) == 119_401_298_944

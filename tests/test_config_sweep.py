@@ -122,7 +122,7 @@ def test_activations_match_transformers(name):
     import jax.numpy as jnp
     from transformers.activations import ACT2FN
 
-    from mistral4_jax import ops
+    from mistral4_jax.model import ops
 
     x = np.linspace(-12, 12, 481, dtype=np.float32)
     want = ACT2FN[name](torch.as_tensor(x)).numpy()

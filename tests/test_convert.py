@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 import reference as R
 from convert import convert, main
-from mistral4_jax import CheckpointError, ModelConfig, from_pretrained, synthetic
+from mistral4_jax import CheckpointError, ModelConfig, from_pretrained
+from mistral4_jax.demo import synthetic
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_converted_logits_equal_direct_load_and_reference(cases, inputs, tmp_pat
 def test_native_directory_loads_directly_and_keeps_each_expert_scale(cases, inputs):
     """w1 and w3 of an expert have different scales; fusing under one scale would change the weights."""
     ref, src = cases["native_fp8"]
-    from mistral4_jax.safetensors_io import SafetensorsFile
+    from mistral4_jax.checkpoints.safetensors_io import SafetensorsFile
 
     files = [SafetensorsFile(f) for f in sorted(src.glob("consolidated-*.safetensors"))]
     scale = {k: f.get(k) for f in files for k in f.keys() if k.startswith("layers.0.experts.0.w")}
@@ -287,7 +288,7 @@ def test_existing_destination_needs_overwrite(cases, tmp_path, capsys):
 
 def test_verification_catches_a_wrong_array(cases, tmp_path):
     """`verify` reads the Orbax metadata back: a group whose array has the wrong shape is reported."""
-    from mistral4_jax import checkpoint as ck
+    from mistral4_jax.checkpoints import orbax as ck
 
     _, src = cases["hf_fp32"]
     dst = convert(src, tmp_path / "out", dtype="float32", quiet=True)

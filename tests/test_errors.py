@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mistral4_jax import CheckpointError, InputError, ModelConfig, from_pretrained, synthetic
+from mistral4_jax import CheckpointError, InputError, ModelConfig, from_pretrained
+from mistral4_jax.demo import synthetic
 
 
 @pytest.fixture(scope="module")

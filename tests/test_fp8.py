@@ -13,8 +13,9 @@ from flax import nnx
 
 import reference as R
 from convert import convert
-from mistral4_jax import from_pretrained, generate, moe, quant
-from mistral4_jax.text_model import layer_at
+from mistral4_jax import from_pretrained, generate
+from mistral4_jax.model import fp8, moe
+from mistral4_jax.model.mistral4 import layer_at
 
 TOL = 1e-5
 
@@ -33,7 +34,7 @@ def ids():
 
 def _fp8_paths(model):
     return {"/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if isinstance(v.get_value(), quant.Fp8Weight)}
+            if isinstance(v.get_value(), fp8.Fp8Weight)}
 
 
 def test_fp8_model_keeps_e4m3_weights_and_matches_reference(fp8_ckpt, ids):
@@ -103,8 +104,8 @@ def test_parameter_bytes_by_arithmetic(fp8_ckpt):
     rest = 2 * v * h + L * (2 * h + t["q_lora_rank"] + t["kv_lora_rank"] + h * e) + h  # embed, head, norms, router
     bf16 = from_pretrained(path, dtype="bfloat16")
     q8 = from_pretrained(path, dtype="bfloat16", weights="fp8")
-    assert quant.param_bytes(nnx.state(bf16, nnx.Param)) == 2 * (L * quantised + rest)
-    assert quant.param_bytes(nnx.state(q8, nnx.Param)) == L * (quantised + 4 * out_cols) + 2 * rest
+    assert fp8.param_bytes(nnx.state(bf16, nnx.Param)) == 2 * (L * quantised + rest)
+    assert fp8.param_bytes(nnx.state(q8, nnx.Param)) == L * (quantised + 4 * out_cols) + 2 * rest
 
 
 def test_weights_argument_is_checked(fp8_ckpt):
@@ -112,15 +113,15 @@ def test_weights_argument_is_checked(fp8_ckpt):
         from_pretrained(fp8_ckpt[1], weights="int8")
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_gather_and_auto_equal_dense(fp8):
+@pytest.mark.parametrize("quantised", [False, True])
+def test_gather_and_auto_equal_dense(quantised):
     rng = np.random.default_rng(0)
     t, h, f, e, k = 5, 16, 8, 6, 2
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
     gu = jnp.asarray(rng.normal(size=(e, h, 2 * f)) * 0.3, jnp.float32)
     dn = jnp.asarray(rng.normal(size=(e, f, h)) * 0.3, jnp.float32)
-    if fp8:
-        gu, dn = quant.quantize(gu), quant.quantize(dn)
+    if quantised:
+        gu, dn = fp8.quantize(gu), fp8.quantize(dn)
     idx = jnp.asarray(rng.permuted(np.tile(np.arange(e), (t, 1)), axis=1)[:, :k], jnp.int32)
     w = jnp.asarray(rng.random((t, k)), jnp.float32)
     want = np.asarray(moe.experts_forward(x, w, idx, gu, dn, "silu", "dense"))
@@ -129,8 +130,8 @@ def test_gather_and_auto_equal_dense(fp8):
                                    rtol=1e-5, atol=1e-5)
     assert moe.resolve_impl("auto", 16, 4) == "gather" and moe.resolve_impl("auto", 17, 4) == "grouped"
     # the gather path's result from arithmetic: token 0 through its experts, one at a time
-    gud = np.asarray(quant.materialize(gu))
-    dnd = np.asarray(quant.materialize(dn))
+    gud = np.asarray(fp8.materialize(gu))
+    dnd = np.asarray(fp8.materialize(dn))
     y0 = sum(float(w[0, j]) * (jax.nn.silu(x[0] @ gud[idx[0, j], :, :f]) * (x[0] @ gud[idx[0, j], :, f:]))
              @ dnd[idx[0, j]] for j in range(k))
     np.testing.assert_allclose(np.asarray(moe.experts_forward(x, w, idx, gu, dn, "silu", "gather"))[0], y0,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mistral4_jax import cli
-from mistral4_jax.demo import build_tiny
-from mistral4_jax.streaming import ChatStream
-from mistral4_jax.tokenizer import Tokenizer
+from mistral4_jax.demo.tiny import build_tiny
+from mistral4_jax.text.streaming import ChatStream
+from mistral4_jax.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["generate", "chat_with_image", "batch_eval", "convert_checkpoint", "finetune"]
@@ -37,7 +37,7 @@ def test_chat_stream_splits_reasoning_and_whole_characters(tiny):
 
 
 def test_chat_cli_streams_and_splits(tiny, capsys, monkeypatch):
-    gen_mod = sys.modules["mistral4_jax.generate"]
+    gen_mod = sys.modules["mistral4_jax.inference.generate"]
     tok = Tokenizer.from_pretrained(tiny["orbax"])
     # The real model first (random weights: only the shape of the output is known), then a scripted reply
     # with reasoning through the same callback and printing path.
@@ -60,7 +60,7 @@ def test_chat_cli_streams_and_splits(tiny, capsys, monkeypatch):
 
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
     img = Path(tiny["hf"]).parent / "img.png"
-    from mistral4_jax.demo import demo_image
+    from mistral4_jax.demo.tiny import demo_image
     demo_image().save(img)
     rc = cli.main(["chat", "--model", str(tiny["orbax"]), "--prompt", "Where?", "--image", str(img),
                    "--system", "Be brief.", "--dtype", "float32", "--no-color"])

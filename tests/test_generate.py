@@ -12,7 +12,8 @@ import pytest
 
 import reference as R
 from mistral4_jax import InputError, from_pretrained, generate
-from mistral4_jax.generate import _generate_core, sample_logits
+from mistral4_jax.inference.generate import _generate_core
+from mistral4_jax.inference.sampling import sample_logits
 
 TIE = 1e-4  # a generated token may differ from the reference argmax only on a near-tie of the logits
 
@@ -136,7 +137,7 @@ def test_bad_input_is_refused_before_compiling(pair, kwargs, message):
 
 def test_absorbed_attention_equals_expanded():
     """Spec 3.3.6: folding W_UK into the query and W_UV after the softmax is the same function."""
-    from mistral4_jax import ops
+    from mistral4_jax.model import ops
 
     g = np.random.default_rng(64)
     b, t, s, h, n, r, c, v = 2, 3, 7, 4, 8, 6, 16, 5
@@ -157,9 +158,9 @@ def test_compiled_decode_does_not_grow_with_depth():
     """The layer stack is one scanned body: the program for 36 layers is the program for 4."""
     from flax import nnx
 
-    from mistral4_jax import decode
+    from mistral4_jax.model import cache as decode
     from mistral4_jax.config import ModelConfig
-    from mistral4_jax.loading import abstract_model
+    from mistral4_jax.checkpoints.load import abstract_model
 
     sizes = []
     for depth in (4, 36):
@@ -225,7 +226,7 @@ def test_cli_generate_prints_the_generations(pair, capsys):
 def test_images_of_sizes_in_one_bucket_share_one_vision_program(pair):
     """Image counts, pixel grids, patch and token counts are padded to powers of two before the vision
     tower runs; the results must still be the reference's (the padding is invisible)."""
-    from mistral4_jax.generate import _image_features
+    from mistral4_jax.inference.generate import _image_features
 
     ref, jm = pair
     sizes = [(56, 84), (28, 56)]

@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from mistral4_jax import InputError, ModelConfig
-from mistral4_jax.image_processing import (CLIP_MEAN, CLIP_STD, ImageConfig, batch_images, image_token_ids,
-                                           load_image, preprocess, token_grid)
+from mistral4_jax.text.images import CLIP_MEAN, CLIP_STD, ImageConfig, batch_images, image_token_ids, load_image, preprocess, token_grid
 
 CFG = ImageConfig()  # 1540, patch 14, merge 2: 28 pixels per token
 

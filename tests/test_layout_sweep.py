@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import reference as R
 from convert import convert, main
 from mistral4_jax import CheckpointError, from_pretrained
-from mistral4_jax.native import hf_config_dict
+from mistral4_jax.checkpoints.native import hf_config_dict
 from mistral4_jax.sharding import make_mesh
 from test_convert import _native_name
 

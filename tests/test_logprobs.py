@@ -11,11 +11,11 @@ from flax import nnx
 
 from mistral4_jax import InputError
 from mistral4_jax.config import ModelConfig
-from mistral4_jax.logprobs import chunk_layout, target_logprobs
-from mistral4_jax.model import Mistral3ForConditionalGeneration
+from mistral4_jax.inference.logprobs import chunk_layout, target_logprobs
+from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.train.step import TrainConfig, chunked_cross_entropy, loss_fn, prepare_model
 
-score_mod = importlib.import_module("mistral4_jax.score")  # the package exports the function `score`
+score_mod = importlib.import_module("mistral4_jax.inference.score")  # the package exports the function `score`
 
 B, T, D, V = 2, 37, 16, 300
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import reference as R
-from mistral4_jax import from_pretrained, ops
-from mistral4_jax.text_model import layer_at
-from mistral4_jax.vision_model import patch_layout
+from mistral4_jax import from_pretrained
+from mistral4_jax.model import ops
+from mistral4_jax.model.mistral4 import layer_at
+from mistral4_jax.model.pixtral import patch_layout
 
 TOL = 1e-5  # relative error, float32 (the issue asks for well under 1e-4)
 
@@ -140,7 +141,7 @@ def test_two_images_in_one_row(base):
 
 
 def test_grouped_expert_path_equals_reference_path():
-    from mistral4_jax import moe
+    from mistral4_jax.model import moe
 
     g = np.random.default_rng(8)
     x = jnp.asarray(g.standard_normal((37, 16)), jnp.float32)

@@ -16,8 +16,8 @@ from flax import nnx
 
 import reference as R
 from mistral4_jax import from_pretrained, score
-from mistral4_jax.expert_stats import expert_load
-from mistral4_jax.probe import Capture, Intervention, ResidualPatch
+from mistral4_jax.research.expert_stats import expert_load
+from mistral4_jax.model.hooks import Capture, Intervention, ResidualPatch
 
 TOL = 1e-5
 
@@ -229,7 +229,7 @@ def test_expert_stats_against_reference_routing(pair, tmp_path):
 def test_route_mask_with_expert_groups():
     """Group-limited routing with a mask: disabled experts never carry weight; one enabled expert
     carries all of it (norm_topk_prob); unmasked rows route as without a mask."""
-    from mistral4_jax import moe
+    from mistral4_jax.model import moe
 
     logits = np.random.default_rng(9).standard_normal((32, 8)).astype(np.float32)
     allowed = np.ones((32, 8), bool)

@@ -8,8 +8,8 @@ import pytest
 import regex
 
 from mistral4_jax import CheckpointError, InputError
-from mistral4_jax.synthetic_tokenizer import write_tekken
-from mistral4_jax.tokenizer import Tokenizer
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world!",

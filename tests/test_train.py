@@ -14,7 +14,7 @@ from flax import nnx
 import reference as R
 from mistral4_jax import InputError, from_pretrained
 from mistral4_jax.config import ModelConfig
-from mistral4_jax.model import Mistral3ForConditionalGeneration
+from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, load_examples, tokenize_record
 from mistral4_jax.train.data import BOS, EOS, END_INST, INST, make_batch
@@ -150,7 +150,7 @@ def test_lora_overfits_and_the_merged_export_loads(tmp_path):
 
 # ---------------------------------------------------------------------- the command
 def test_cli_finetune_writes_a_loadable_model_and_a_log(tmp_path, capsys):
-    from mistral4_jax import synthetic
+    from mistral4_jax.demo import synthetic
     from mistral4_jax.cli import main
 
     synthetic.write_checkpoint(tmp_path / "m", CFG, fp8=True)

@@ -14,7 +14,7 @@ from flax import nnx
 
 import reference as R
 from mistral4_jax import from_pretrained
-from mistral4_jax.saving import hf_tensors
+from mistral4_jax.checkpoints.save import hf_tensors
 from mistral4_jax.train import LoRAConfig, TrainConfig, loss_fn
 from mistral4_jax.train.lora import init_adapters
 from mistral4_jax.train.step import prepare_model

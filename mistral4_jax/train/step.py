@@ -22,11 +22,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .. import moe
+from ..model import moe
 from ..errors import InputError
 from .. import sharding as shard_lib
 from ..config import TextConfig
-from ..logprobs import DEFAULT_CHUNK, target_logprobs
+from ..inference.logprobs import DEFAULT_CHUNK, target_logprobs
 from .lora import LoRAConfig, apply_adapters
 
 

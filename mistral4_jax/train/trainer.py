@@ -26,11 +26,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ..errors import InputError
-from ..saving import save_pretrained
+from ..checkpoints.save import save_pretrained
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
-from .step import (TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model,
-                   state_shardings)
+from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model, state_shardings
 
 
 # Settings that change memory use, not results: a run may resume with other values of these.
@@ -166,7 +165,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
     if not any((d / f).exists() for f in ("tekken.json", "tokenizer.json")):
         return None
     try:
-        from ..tokenizer import Tokenizer
+        from ..text.tokenizer import Tokenizer
     except ImportError:
         return None
     return Tokenizer.from_pretrained(d)
@@ -180,7 +179,7 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
     Resumes from `out/checkpoints` when present. `until` stops early (after saving) at that step.
     Returns the metrics of the steps run now.
     """
-    from ..loading import from_pretrained, load_config
+    from ..checkpoints.load import from_pretrained, load_config
 
     cfg_model = load_config(model_dir)
     examples = data_lib.load_examples(data_path, load_tokenizer(model_dir), cfg.max_len, cfg_model.text.vocab_size)

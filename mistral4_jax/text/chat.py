@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .image_processing import ImageConfig, batch_images, image_token_ids, preprocess
+from ..errors import InputError
+from .images import ImageConfig, batch_images, image_token_ids, preprocess
 
 REASONING_EFFORTS = ("none", "high")
 ROLES = ("system", "user", "assistant", "tool")

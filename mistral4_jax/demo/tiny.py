@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 QUESTIONS = ["What is the capital of France?", "Recite the Zen of Python."]
 
@@ -55,7 +55,7 @@ def training_chats() -> list[list[dict]]:
 
 def _training_examples(tok, reasoning: tuple[str, ...] = ("none", "high")):
     """Chats rendered with the v15 template (settings block included); the assistant reply is the target."""
-    from .train.data import Example
+    from ..train.data import Example
 
     out = []
     for chat in training_chats():
@@ -79,11 +79,11 @@ def build_tiny(root: str | Path, train_steps: int = 0, log: Callable[[str], None
     train_steps > 0 fine-tunes the random model on `training_chats()` first (full fine-tuning, AdamW);
     the fine-tuned model is exported in the HF layout (float32) to `root/trained` and that is converted.
     """
-    from convert.converter import convert
+    from mistral4_jax.checkpoints.convert import convert
 
     from . import synthetic
     from .synthetic_tokenizer import write_tekken
-    from .image_processing import ImageConfig
+    from ..text.images import ImageConfig
 
     root = Path(root)
     cfg = cfg or ModelConfig.tiny()
@@ -106,9 +106,9 @@ def build_tiny(root: str | Path, train_steps: int = 0, log: Callable[[str], None
 
 def train_tiny(src: Path, out: Path, steps: int, log: Callable[[str], None] = print, lr: float = 3e-3) -> list[dict]:
     """Fine-tune the model at `src` on `training_chats()` and export it (HF layout) to `out`."""
-    from .loading import from_pretrained
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, Trainer
+    from ..checkpoints.load import from_pretrained
+    from ..text.tokenizer import Tokenizer
+    from ..train import TrainConfig, Trainer
 
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(src)
@@ -133,11 +133,11 @@ def run_demo(workdir: str | Path, train_steps: int = 0, color: bool = False,
     """The demo of `mistral4-jax demo`; returns what it measured."""
     import jax
 
-    from .generate import generate
-    from .loading import from_pretrained
-    from .score import score
-    from .sharding import make_mesh
-    from .tokenizer import Tokenizer
+    from ..inference.generate import generate
+    from ..checkpoints.load import from_pretrained
+    from ..inference.score import score
+    from ..sharding import make_mesh
+    from ..text.tokenizer import Tokenizer
 
     t_all = time.perf_counter()
     log("mistral4-jax demo: a tiny Mistral Small 4 built from RANDOM weights"

@@ -19,43 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import decode
-from .errors import InputError
-from .model import check_image_tokens
-from .sharding import ACT_BV, constrain, model_mesh, to_global
-from .vision_model import PatchLayout, pad_layout, patch_layout
+from ..model import cache as decode
+from ..errors import InputError
+from ..inputs import check_image_tokens, check_int, validate_prompts
+from .batching import bucket_sizes, bucketed_images
+from .sampling import sample_rows
+from ..sharding import ACT_BV, constrain, model_mesh, to_global
+from ..model.pixtral import PatchLayout
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many so their number does not change the compile
-
-
-# ---------------------------------------------------------------------- sampling (pure)
-def sample_logits(logits_v: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """One token id from logits [V]: greedy when temperature == 0, else softmax(logits / T)
-    restricted to the top_k most likely tokens (top_k = 0: all) and to the smallest set whose
-    probability reaches top_p (nucleus; the most likely token always stays)."""
-
-    def sampled(_):
-        x = logits_v.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-        order = jnp.argsort(-x)
-        xs = x[order]
-        rank = jnp.arange(x.shape[0])
-        keep = (top_k <= 0) | (rank < top_k)
-        probs = jax.nn.softmax(jnp.where(keep, xs, -jnp.inf))
-        before = jnp.cumsum(probs) - probs  # mass of the more likely tokens
-        keep = keep & (before < top_p)
-        return order[jax.random.categorical(key, jnp.where(keep, xs, -jnp.inf))].astype(jnp.int32)
-
-    def greedy(_):
-        return jnp.argmax(logits_v).astype(jnp.int32)
-
-    return jax.lax.cond(temperature > 0, sampled, greedy, None)
-
-
-def sample_rows(logits_bv, key, step, temperature, top_k, top_p):
-    """A token per row; row b draws with key fold_in(fold_in(key, b), step), so a row's samples do not
-    depend on the batch it is in."""
-    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(key, b), step))(jnp.arange(logits_bv.shape[0]))
-    return jax.vmap(sample_logits, in_axes=(0, 0, None, None, None))(logits_bv, keys, temperature, top_k, top_p)
 
 
 # ---------------------------------------------------------------------- streaming
@@ -112,49 +84,6 @@ def _generate_core(graphdef, state, embeds_btd, lens_b, active_b, cache, key, te
 
 
 # ---------------------------------------------------------------------- host side
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def bucket_sizes(batch: int, max_prompt: int, max_new_tokens: int, prefill_chunk: int, data: int = 1):
-    """(batch, prompt length, new-token buffer, chunk) after bucketing; the cache holds prompt + buffer."""
-    b = _pow2(batch)
-    b = -(-b // data) * data
-    t = _pow2(max_prompt, 8)
-    chunk = min(prefill_chunk, t)
-    t = -(-t // chunk) * chunk
-    return b, t, _pow2(max_new_tokens), chunk
-
-
-def _check_int(name, v, lo, hi=None):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InputError(f"{name} must be an integer {rng}, got {v!r}")
-
-
-def validate_ids(ids, vocab_size: int, name: str) -> list[int]:
-    """A non-empty flat list of ints in [0, vocab); the error names the argument and the bad entry."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or arr.size == 0:
-        raise InputError(f"{name} is empty or not a flat list of token ids (shape {arr.shape}); "
-                         "it needs at least one token")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-    if bad.size:
-        raise InputError(f"{name}[{bad[0]}] = {int(arr[bad[0]])} is outside the vocabulary [0, {vocab_size})")
-    return [int(x) for x in arr]
-
-
-def validate_prompts(prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
-    """Refuses an empty batch, an empty prompt and ids outside the vocabulary."""
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InputError(f"{name} must be a non-empty list of token-id lists")
-    return [validate_ids(p, vocab_size, f"{name}[{i}]") for i, p in enumerate(prompts)]
-
-
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
              pixel_values=None, image_sizes=None, callback: Callable | None = None,
@@ -171,10 +100,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
     cfg = model.config
     t = cfg.text
     prompts = validate_prompts(prompts, t.vocab_size)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("top_k", top_k, 0)
-    _check_int("seed", seed, 0)
-    _check_int("prefill_chunk", prefill_chunk, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("top_k", top_k, 0)
+    check_int("seed", seed, 0)
+    check_int("prefill_chunk", prefill_chunk, 1)
     if prefill_chunk & (prefill_chunk - 1):
         raise InputError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
@@ -231,23 +160,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         finally:
             _stream["callback"] = None
     return [_trim(row[:max_new_tokens], stop) for row in out[:len(prompts)]]
-
-
-def bucketed_images(model, pixel_values, image_sizes) -> tuple[np.ndarray, PatchLayout]:
-    """pixel_values zero-padded to a power-of-two image count and patch grid, and its layout padded
-    to a power-of-two patch count: image batches of similar sizes share one vision program."""
-    layout = model.layout_for(pixel_values, image_sizes)  # validates the shapes and sizes
-    px = np.asarray(pixel_values)
-    n, c, h, w = px.shape
-    p = model.config.vision.patch_size
-    hb, wb = _pow2(-(-h // p)) * p, _pow2(-(-w // p)) * p
-    padded = np.zeros((_pow2(n), c, hb, wb), px.dtype)
-    padded[:n, :, :h, :w] = px
-    sizes = [(h, w)] * n if image_sizes is None else np.asarray(image_sizes)
-    m = model.config.spatial_merge_size
-    layout = patch_layout(sizes, (hb, wb), p, m)
-    patches = _pow2(len(layout.patch_index), m * m)
-    return padded, pad_layout(layout, patches, patches // (m * m))  # each token merges m*m patches
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

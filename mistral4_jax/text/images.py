@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 # OpenAI CLIP statistics (mistral-common `DATASET_MEAN` / `DATASET_STD`), RGB order.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

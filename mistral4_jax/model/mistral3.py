@@ -13,11 +13,12 @@ import numpy as np
 from flax import nnx
 
 from . import ops
-from .config import ModelConfig
-from .errors import InputError
-from .probe import Capture, Intervention, Probe
-from .text_model import Mistral4Model, RMSNorm, linear
-from .vision_model import PatchLayout, PixtralVisionModel, patch_layout
+from ..config import ModelConfig
+from ..errors import InputError
+from ..inputs import check_image_tokens, check_token_ids
+from .hooks import Capture, Intervention, Probe
+from .mistral4 import Mistral4Model, RMSNorm, linear
+from .pixtral import PatchLayout, PixtralVisionModel, patch_layout
 
 
 class Mistral3PatchMerger(nnx.Module):
@@ -144,29 +145,3 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         if sizes.shape != (shape[0], 2):
             raise InputError(f"image_sizes must be [{shape[0]}, 2] (height, width per image), got shape {sizes.shape}")
         return patch_layout(sizes, shape[2:], self.config.vision.patch_size, self.config.spatial_merge_size)
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_token_ids(input_ids, vocab_size: int) -> None:
-    if not _is_concrete(input_ids):
-        return
-    ids = np.asarray(input_ids)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"input_ids must be integers, got dtype {ids.dtype}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"input_ids{list(where)} = {int(ids[where])} is outside the vocabulary [0, {vocab_size})")
-
-
-def check_image_tokens(input_ids, image_token_id: int, n_features: int) -> None:
-    if not _is_concrete(input_ids):
-        return
-    n_tokens = int((np.asarray(input_ids) == image_token_id).sum())
-    if n_tokens != n_features:
-        raise InputError(f"input_ids hold {n_tokens} image tokens (id {image_token_id}) but the images give "
-                         f"{n_features} features: each image of height h and width w needs "
-                         "(h // (patch*merge)) * (w // (patch*merge)) image tokens")

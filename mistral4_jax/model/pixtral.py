@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 
 from . import ops
-from .config import VisionConfig
-from .errors import InputError
-from .text_model import Mistral4MLP, RMSNorm, linear, scan_layers, stack_layers
+from ..config import VisionConfig
+from ..errors import InputError
+from .mistral4 import Mistral4MLP, RMSNorm, linear, scan_layers, stack_layers
 
 _EPS = 1e-5  # Pixtral's norms hard-code 1e-5 (spec 3.2)
 

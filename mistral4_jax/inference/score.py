@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import InputError
-from .generate import _check_int, _pow2, validate_ids
+from ..errors import InputError
+from ..inputs import check_int, validate_ids
+from .batching import batch_bucket, pow2
 from .logprobs import DEFAULT_CHUNK, chunk_layout, target_logprobs
-from .probe import Capture, ForwardOutput, Intervention, ResidualPatch
-from .sharding import model_mesh, to_global
+from ..model.hooks import Capture, ForwardOutput, Intervention, ResidualPatch
+from ..sharding import model_mesh, to_global
 
 
 def continuation_sums(logp_bt: jax.Array, is_argmax_bt: jax.Array, weights_bt: jax.Array):
@@ -102,7 +103,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     t = model.config.text
     if not isinstance(requests, (list, tuple)) or not requests:
         raise InputError("requests must be a non-empty list of (context_ids, continuation_ids)")
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     chunk_layout(1, chunk)  # refuses a bad chunk before any compile
     ctxs, conts = [], []
     for i, r in enumerate(requests):
@@ -132,8 +133,8 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     order = sorted(range(len(requests)), key=lambda i: len(ctxs[i]) + len(conts[i]))  # similar lengths together
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        b = -(-_pow2(len(idx)) // data) * data
-        tl = _pow2(max(len(ctxs[i]) + len(conts[i]) - 1 for i in idx), 8)
+        b = batch_bucket(len(idx), data)
+        tl = pow2(max(len(ctxs[i]) + len(conts[i]) - 1 for i in idx), 8)
         ids, mask, tgt, w = (np.zeros((b, tl), np.int32) for _ in range(4))
         for row, i in enumerate(idx):
             full = ctxs[i] + conts[i]
@@ -164,9 +165,9 @@ def perplexity(model, tokens: Sequence[int], window: int = 2048, stride: int | N
     """
     t = model.config.text
     tokens = validate_ids(tokens, t.vocab_size, "tokens")
-    _check_int("window", window, 2, t.max_position_embeddings)
+    check_int("window", window, 2, t.max_position_embeddings)
     stride = window // 2 if stride is None else stride
-    _check_int("stride", stride, 1, window - 1)
+    check_int("stride", stride, 1, window - 1)
     if len(tokens) < 2:
         raise InputError("tokens: perplexity needs at least 2 tokens")
     requests, scored = [], 1

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import InputError
-from .generate import _check_int, _pow2, validate_ids
-from .probe import Capture, Intervention
-from .sharding import model_mesh, to_global
+from ..errors import InputError
+from ..inference.batching import batch_bucket, pow2
+from ..inputs import check_int, validate_ids
+from ..model.hooks import Capture, Intervention
+from ..sharding import model_mesh, to_global
 
 
 @dataclasses.dataclass
@@ -95,9 +96,9 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
         raise InputError("expert_load: this model has no MoE layers")
     if not isinstance(sequences, (list, tuple)) or not sequences:
         raise InputError("sequences must be a non-empty list of token-id lists")
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     max_len = min(2048, cfg.max_position_embeddings) if max_len is None else max_len
-    _check_int("max_len", max_len, 1, cfg.max_position_embeddings)
+    check_int("max_len", max_len, 1, cfg.max_position_embeddings)
     if intervene is not None and (intervene.patch is not None or
                                   (intervene.expert_mask is not None and np.ndim(intervene.expert_mask) != 2)):
         raise InputError("expert_load: intervene may only hold a per-layer expert_mask [moe_layers, experts]")
@@ -113,8 +114,8 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
     weight = np.zeros_like(counts)
     for s in range(0, len(pieces), batch_size):
         chunk = pieces[s:s + batch_size]
-        b = -(-_pow2(len(chunk)) // data) * data
-        t = _pow2(max(len(p) for p in chunk), 8)
+        b = batch_bucket(len(chunk), data)
+        t = pow2(max(len(p) for p in chunk), 8)
         ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
         for row, p in enumerate(chunk):
             ids[row, :len(p)], mask[row, :len(p)] = p, 1

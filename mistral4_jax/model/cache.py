@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import ops
-from .config import TextConfig
-from .sharding import ACT_BTD, CACHE_LBSC, constrain, logical_sharding
+from ..config import TextConfig
+from ..sharding import ACT_BTD, CACHE_LBSC, constrain, logical_sharding
 
 
 class Cache(NamedTuple):

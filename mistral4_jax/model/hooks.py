@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import TextConfig
-from .errors import InputError
+from ..config import TextConfig
+from ..errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import moe, ops, quant
-from .config import TextConfig
-from .probe import Probe
+from . import fp8, moe, ops
+from ..config import TextConfig
+from .hooks import Probe
 
 _init = nnx.initializers.normal(0.02)
 
@@ -76,8 +76,8 @@ class Mistral4Experts(nnx.Module):
         self.impl = cfg.expert_impl
 
     def __call__(self, x_th, weights_tk, idx_tk):
-        return moe.experts_forward(x_th, weights_tk, idx_tk, quant.weight(self.gate_up_proj),
-                                   quant.weight(self.down_proj), self.act, self.impl)
+        return moe.experts_forward(x_th, weights_tk, idx_tk, fp8.weight(self.gate_up_proj),
+                                   fp8.weight(self.down_proj), self.act, self.impl)
 
 
 class Mistral4MoE(nnx.Module):

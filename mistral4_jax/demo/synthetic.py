@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 E4M3_MAX = 448.0
 

@@ -27,8 +27,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from . import chat
-from .errors import CheckpointError, InputError
-from .image_processing import ImageConfig
+from ..errors import CheckpointError, InputError
+from .images import ImageConfig
 
 # Special tokens by id (spec 4). Ids 20..31 are not needed by this package and are not listed.
 SPECIAL_TOKENS = {
@@ -275,7 +275,7 @@ def _image_config_near(file: Path, tekken: dict | None) -> ImageConfig | None:
     """Image settings from `config.json` beside the tokenizer (the model's), else from tekken.json."""
     cfg_file = file.parent / "config.json"
     if cfg_file.is_file():
-        from .config import ModelConfig
+        from ..config import ModelConfig
 
         cfg = ModelConfig.from_json_file(cfg_file)
         if cfg.vision is not None:

@@ -1,4 +1,24 @@
-"""The conversion driver: source checks, streaming by group, progress, verification, atomic rename."""
+"""The conversion driver: source checks, streaming by group, progress, verification, atomic rename.
+
+HF or Mistral-native safetensors -> the sharded Orbax layout of
+`mistral4_jax.checkpoints.orbax`, in bounded memory.
+
+    python -m convert SRC DST [--dtype bfloat16|float32|float8] [--overwrite] [--quiet]
+    mistral4-jax convert SRC DST ...            (the same command)
+
+Design card:
+- Input is untrusted. Only `.safetensors` are read (headers validated, tensors memory-mapped); pickle
+  files are refused. Every tensor is matched to a parameter slot and every shape checked against the
+  config before the first byte of weights is read (`checkpoints.load.plan_checkpoint`), so a bad source fails
+  fast with one message naming file and tensor.
+- Bounded memory: the output is written one group at a time (the unstacked parameters, then each
+  decoder / vision layer), each group read slot by slot from the memory-mapped source, saved as its own
+  Orbax checkpoint, and released. Peak host memory is about one decoder layer, whatever the depth.
+- Safe output: everything goes to a hidden sibling `.DST.partial-PID`, is verified (every array's shape
+  and dtype, read back from Orbax metadata), and only then renamed to DST. A crash or kill leaves no DST;
+  stale partial directories of dead runs are removed by the next run. An existing DST is replaced only
+  with --overwrite.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +45,7 @@ class ConvertError(Mistral4Error):
 
 def source_layout(src: Path) -> str:
     """'hf' or 'native'; raises naming what was found when it is neither."""
-    from mistral4_jax.native import is_native_dir
+    from mistral4_jax.checkpoints.native import is_native_dir
 
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory (expected an HF checkpoint directory with config.json and "
@@ -79,8 +99,8 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
     dtype: "bfloat16" / "float32" dequantise FP8 weights; "float8" keeps E4M3 weights and their scales
     (other weights in bfloat16). Returns `dst`. Raises a `Mistral4Error` naming the file / tensor at fault;
     `dst` then does not exist (or is untouched, when it existed)."""
-    from mistral4_jax import checkpoint as ck
-    from mistral4_jax.loading import open_safetensors, param_shapes
+    from mistral4_jax.checkpoints import orbax as ck
+    from mistral4_jax.checkpoints.load import open_safetensors, param_shapes
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -133,7 +153,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
 def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet: bool) -> None:
     from tqdm import tqdm
 
-    from mistral4_jax import checkpoint as ck
+    from mistral4_jax.checkpoints import orbax as ck
 
     np_dtype = "float8" if dtype == "float8" else dtype
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, file=sys.stderr,

@@ -17,7 +17,7 @@ FP8 (`dtype` "float8"): a weight stored as E4M3 on disk stays E4M3 (the others k
 kernel's shape with the input axis set to 1 (`[..., 1, out]`): W = f32(W_fp8) * scale. Per-output-column
 scales represent per-tensor, per-expert and the native per-expert gate/up scales exactly, and suit an
 FP8 matmul `(x @ W_fp8) * scale`. `restore` dequantises to the requested dtype, or with weights="fp8" keeps
-the `quant.FP8_TARGETS` parameters as `quant.Fp8Weight`s (E4M3 values and these scales).
+the `fp8.FP8_TARGETS` parameters as `fp8.Fp8Weight`s (E4M3 values and these scales).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from . import quant
-from . import sharding as shard_lib
-from .config import ModelConfig
-from .errors import CheckpointError
-from .loading import Piece, _is_stacked, _normalize, _set_layer, _slot_value, abstract_model, resolve_dtype
+from ..model import fp8
+from .. import sharding as shard_lib
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .load import Piece, _is_stacked, _normalize, _set_layer, _slot_value, abstract_model, resolve_dtype
 
 FORMAT = "mistral4_jax/orbax-layers"
 VERSION = 1
@@ -198,13 +198,13 @@ def fp8_slot(pieces: list[Piece], slot_shape: tuple[int, ...]) -> tuple[np.ndarr
     """One slot as (E4M3 values, float32 scale `scale_shape(slot_shape)`) for weights="fp8".
 
     E4M3 sources with per-tensor / per-expert scales keep their exact values and scales; anything else
-    (bf16 sources, block-wise scales) is read in float32 and quantised per output column (`quant.quantize`)."""
+    (bf16 sources, block-wise scales) is read in float32 and quantised per output column (`fp8.quantize`)."""
     if keeps_fp8(pieces):
         scale = slot_scale(pieces, slot_shape)
         if scale is not None:
             raw, kind = _raw_slot(pieces)
             return np.asarray(_to_layout(raw, None, kind, E4M3)), scale
-    w = quant.quantize(jnp.asarray(_slot_value(pieces, slot_shape, np.dtype(np.float32), _normalize((), slot_shape))))
+    w = fp8.quantize(jnp.asarray(_slot_value(pieces, slot_shape, np.dtype(np.float32), _normalize((), slot_shape))))
     return np.asarray(w.q), np.asarray(w.scale)
 
 
@@ -212,21 +212,21 @@ def _placed(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def load_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, mesh) -> quant.Fp8Weight:
-    """A `quant.FP8_TARGETS` parameter as an `Fp8Weight` on its sharding, filled one layer at a time."""
+def load_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, mesh) -> fp8.Fp8Weight:
+    """A `fp8.FP8_TARGETS` parameter as an `Fp8Weight` on its sharding, filled one layer at a time."""
     qsh = shard_lib.param_sharding(path, shape, mesh)
-    ssh = shard_lib.param_sharding(path, quant.scale_shape(shape), mesh)
+    ssh = shard_lib.param_sharding(path, fp8.scale_shape(shape), mesh)
     name = jnp.dtype(dtype).name
     if not _is_stacked(path):
         q, s = fp8_slot(pieces, shape)
-        return quant.Fp8Weight(_placed(q, qsh), _placed(s, ssh), name)
+        return fp8.Fp8Weight(_placed(q, qsh), _placed(s, ssh), name)
     q_all = jax.jit(partial(jnp.zeros, shape, E4M3), out_shardings=qsh)()
-    s_all = jax.jit(partial(jnp.zeros, quant.scale_shape(shape), jnp.float32), out_shardings=ssh)()
+    s_all = jax.jit(partial(jnp.zeros, fp8.scale_shape(shape), jnp.float32), out_shardings=ssh)()
     for layer in range(shape[0]):
         q, s = fp8_slot([p for p in pieces if p.layer == layer], shape[1:])
         q_all = _set_layer(q_all, _placed(q, shard_lib.drop_leading_axis(qsh)), layer)
         s_all = _set_layer(s_all, _placed(s, shard_lib.drop_leading_axis(ssh)), layer)
-    return quant.Fp8Weight(q_all, s_all, name)
+    return fp8.Fp8Weight(q_all, s_all, name)
 
 
 def kept_dtype(pieces: list[Piece]) -> np.dtype:
@@ -349,11 +349,11 @@ def _dequantize(q, s, dtype):
 def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides) -> nnx.Module:
     """A converted checkpoint as a `Mistral3ForConditionalGeneration`, each array restored on its sharding.
 
-    weights="fp8": the `quant.FP8_TARGETS` parameters become `quant.Fp8Weight`s (kept E4M3 arrays with
+    weights="fp8": the `fp8.FP8_TARGETS` parameters become `fp8.Fp8Weight`s (kept E4M3 arrays with
     their scales; arrays converted to another dtype are quantised per output column)."""
     import orbax.checkpoint as ocp
 
-    quant.check_weights(weights)
+    fp8.check_weights(weights)
     path = Path(path)
     dtype = resolve_dtype(dtype)
     meta = read_marker(path)
@@ -376,7 +376,7 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
     shardings = {p: shard_lib.param_sharding(p, s, mesh) for p, s in shapes.items()}
     values: dict[str, jax.Array] = {}
     scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3, scales[p] float32
-    fp8 = {p for p in shapes if weights == "fp8" and quant.is_fp8_target(p)}
+    keep_fp8 = {p for p in shapes if weights == "fp8" and fp8.is_fp8_target(p)}
     with ocp.StandardCheckpointer() as ckptr:
         for gdir, members in groups(shapes).items():
             target: dict = {"params": {}, "scales": {}}
@@ -396,11 +396,11 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
             got = ckptr.restore((path / "params" / gdir).absolute(), target)
             for p, layer in members:
                 x = _get(got["params"], tree_key(p))
-                if p in fp8:
+                if p in keep_fp8:
                     if specs[p]["scaled"]:
                         s = _get(got["scales"], tree_key(p))
                     else:
-                        w = jax.jit(quant.quantize)(x)
+                        w = jax.jit(fp8.quantize)(x)
                         x, s = w.q, w.scale
                     ssh = shard_lib.param_sharding(p, scale_shape(shapes[p]), mesh)
                     if layer is None:
@@ -423,8 +423,8 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
                 if p not in values:
                     values[p] = jax.jit(partial(jnp.zeros, shapes[p], dtype), out_shardings=shardings[p])()
                 values[p] = _set_layer(values[p], x, layer)
-    for p in fp8:
-        values[p] = quant.Fp8Weight(values[p], scales[p], dtype.name)
+    for p in keep_fp8:
+        values[p] = fp8.Fp8Weight(values[p], scales[p], dtype.name)
     out = [(k, var.replace(values["/".join(map(str, k))]) if hasattr(var, "replace") else values["/".join(map(str, k))])
            for k, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(out))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .errors import InputError
+from ..errors import InputError
 
 # [B, 512, V] float32 logits at a time: 256 MB per batch row at V = 131072, and [B * 512, H] x [H, V]
 # is a matmul large enough to run at full speed (bench/score_memory.py measures the chunk sizes).

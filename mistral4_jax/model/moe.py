@@ -13,8 +13,8 @@ Expert weights are stacked: `gate_up_ehf` [E, H, 2I] (gate columns first, then u
     needs; at large T it reads experts many times over.
   * "auto": "gather" when T*K <= `gather_max_pairs`, else "grouped" (T is static at trace time).
 
-Expert weights may be `quant.Fp8Weight`s: selection (gather) runs on the E4M3 values and scales, and
-each path dequantises just before its matmuls (`quant.materialize`).
+Expert weights may be `fp8.Fp8Weight`s: selection (gather) runs on the E4M3 values and scales, and
+each path dequantises just before its matmuls (`fp8.materialize`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import quant
+from . import fp8
 from .ops import activation
 
 EXPERT_IMPLS = ("grouped", "dense", "gather", "auto")
@@ -75,7 +75,7 @@ def experts_dense(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, gat
                   down_efh: jax.Array, act: str) -> jax.Array:
     """Reference path: run all E experts on all T tokens, keep the routed ones. O(T*E) work."""
     e = gate_up_ehf.shape[0]
-    gate_up_ehf, down_efh = quant.materialize(gate_up_ehf), quant.materialize(down_efh)
+    gate_up_ehf, down_efh = fp8.materialize(gate_up_ehf), fp8.materialize(down_efh)
     combine_te = jnp.zeros((x_th.shape[0], e), x_th.dtype).at[
         jnp.arange(x_th.shape[0])[:, None], idx_tk].add(weights_tk.astype(x_th.dtype))
     h = swiglu(jnp.einsum("th,ehf->tef", x_th, gate_up_ehf), act)
@@ -92,7 +92,7 @@ def experts_grouped(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, g
     order = jnp.argsort(flat, stable=True)
     token_of = order // k
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    gate_up_ehf, down_efh = quant.materialize(gate_up_ehf), quant.materialize(down_efh)
+    gate_up_ehf, down_efh = fp8.materialize(gate_up_ehf), fp8.materialize(down_efh)
     xs = x_th[token_of]
     h = swiglu(jax.lax.ragged_dot(xs, gate_up_ehf, group_sizes), act)
     ys = jax.lax.ragged_dot(h, down_efh, group_sizes)
@@ -104,8 +104,8 @@ def experts_gather(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, ga
                    act: str) -> jax.Array:
     """Gather each token's K experts (W[idx] [T, K, H, 2I] and [T, K, I, H]) and apply them as batched
     matmuls. O(T*K) weight slices read: the small-batch path."""
-    gu_tkhf = quant.materialize(quant.take(gate_up_ehf, idx_tk))
-    dn_tkfh = quant.materialize(quant.take(down_efh, idx_tk))
+    gu_tkhf = fp8.materialize(fp8.take(gate_up_ehf, idx_tk))
+    dn_tkfh = fp8.materialize(fp8.take(down_efh, idx_tk))
     h_tkf = swiglu(jnp.einsum("th,tkhf->tkf", x_th, gu_tkhf), act)
     y_tkh = jnp.einsum("tkf,tkfh->tkh", h_tkf, dn_tkfh)
     return jnp.einsum("tkh,tk->th", y_tkh, weights_tk.astype(y_tkh.dtype)).astype(x_th.dtype)
@@ -124,7 +124,7 @@ def experts_forward(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, g
                     impl: str = "grouped") -> jax.Array:
     """sum_k w[t,k] * down[e] @ (act(x @ gate[e]) * (x @ up[e])), e = idx[t,k]; [T, H].
 
-    gate_up_ehf / down_efh: arrays or `quant.Fp8Weight`s."""
+    gate_up_ehf / down_efh: arrays or `fp8.Fp8Weight`s."""
     impl = resolve_impl(impl, *idx_tk.shape)
     if impl == "gather":
         return experts_gather(x_th, weights_tk, idx_tk, gate_up_ehf, down_efh, act)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import sharding as shard_lib
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model import Mistral3ForConditionalGeneration
+from .. import sharding as shard_lib
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model.mistral3 import Mistral3ForConditionalGeneration
 from .safetensors_io import FP8, SafetensorsFile, check_shard_numbers, indexed_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -450,10 +450,11 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     E4M3 with float32 per-output-column scales (`mistral4_jax.quant`; about half the bytes of bf16).
     config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
     """
-    from . import checkpoint, quant
+    from . import orbax as checkpoint
+    from ..model import fp8
 
     dtype = resolve_dtype(dtype)
-    quant.check_weights(weights)
+    fp8.check_weights(weights)
     if checkpoint.is_orbax_dir(path):
         return checkpoint.restore(path, dtype, mesh, weights, **config_overrides)
     cfg, model, plan = open_safetensors(path, dtype, **config_overrides)
@@ -462,7 +463,7 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     values = []
     for p, var in flat:
         key = "/".join(map(str, p))
-        if weights == "fp8" and quant.is_fp8_target(key):
+        if weights == "fp8" and fp8.is_fp8_target(key):
             values.append((p, var.replace(checkpoint.load_fp8_param(key, plan[key], tuple(var.shape), dtype, mesh))))
             continue
         arr = load_param(key, plan[key], tuple(var.shape), var.dtype,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import ConfigError
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .safetensors_io import SafetensorsFile, check_shard_numbers, indexed_shards
 
 _LM, _HEAD = "language_model.model.", "language_model.lm_head."
@@ -216,7 +216,7 @@ def native_files(path: str | os.PathLike) -> list[Path]:
 
 def open_native(path: str | os.PathLike):
     """(config, {native name: file}, rename) of a native directory, for `loading.plan_checkpoint`."""
-    from .loading import index_files
+    from .load import index_files
 
     cfg = load_params_config(path)
     index = index_files(native_files(path))

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from .config import ModelConfig
-from .loading import _is_stacked, hf_tensor_name, to_hf_layout
+from ..config import ModelConfig
+from .load import _is_stacked, hf_tensor_name, to_hf_layout
 
 
 def hf_tensors(params: nnx.State, cfg: ModelConfig):

@@ -16,8 +16,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, models, pre_tokenizers, trainers
 
-from .image_processing import ImageConfig
-from .tokenizer import SPECIAL_FILLER, SPECIAL_TOKENS, TEKKEN_PATTERN, byte_to_unicode
+from ..text.images import ImageConfig
+from ..text.tokenizer import SPECIAL_FILLER, SPECIAL_TOKENS, TEKKEN_PATTERN, byte_to_unicode
 
 CORPUS = """\
 Mistral Small 4 is a hybrid model: it answers instantly or reasons step by step, reads images, and calls tools.

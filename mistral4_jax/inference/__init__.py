@@ -1,0 +1,1 @@
+"""Compiled inference: sampling, batching, generation, scoring and log-probabilities."""

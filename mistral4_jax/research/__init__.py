@@ -1,0 +1,1 @@
+"""Research tools built on the model's hooks (expert load statistics)."""
