@@ -62,7 +62,7 @@ class Trainer:
         state = init_state(trainable, self.tx)
         self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
         if mesh is not None:
-            state = jax.device_put(state, state_shardings(state, self.tx, mesh))
+            state = jax.device_put(state, state_shardings(state, self.tx, mesh, self.frozen))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
         self.out.mkdir(parents=True, exist_ok=True)
