@@ -21,7 +21,7 @@ from mistral4_jax.model import Mistral3ForConditionalGeneration, fp8
 from mistral4_jax.model.layers import LORA_GROUPS, linear
 from mistral4_jax.sharding import LOGICAL_TO_MESH, make_mesh, param_axes, param_shardings
 from mistral4_jax.train.lora import LoRAConfig, init_adapters
-from mistral4_jax.train.step import init_state, make_optimizer, state_shardings, TrainConfig
+from mistral4_jax.train.step import TrainConfig, init_state, make_optimizer, state_shardings
 
 _DENSE = dict(first_k_dense_replace=1, num_hidden_layers=3)
 CONFIGS = {
@@ -172,4 +172,5 @@ def test_lora_adapters_split_like_their_weight_with_the_rank_replicated():
     placed = jax.device_put(adapters, sh)
     a = placed["language_model/layers/mlp/experts/gate_up_proj"]["a"]
     assert {s.data.shape for s in a.addressable_shards} == {(2, 4, 64, 2)}  # 8 experts over expert=2
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(adapters["language_model/layers/mlp/experts/gate_up_proj"]["a"]))
+    want = adapters["language_model/layers/mlp/experts/gate_up_proj"]["a"]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(want))

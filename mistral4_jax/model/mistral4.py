@@ -107,7 +107,8 @@ class Mistral4Attention(nnx.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
         self.kv_b_proj = linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, rngs,
                                 axes=(None, "heads"), **tags)
-        self.o_proj = linear(nh * cfg.v_head_dim, h, dtype, rngs, bias=cfg.attention_bias, axes=("heads", None), **tags)
+        self.o_proj = linear(nh * cfg.v_head_dim, h, dtype, rngs, bias=cfg.attention_bias, axes=("heads", None),
+                             **tags)
 
     def _rope(self, x_bthr, cos, sin):
         fn = ops.apply_rope_interleaved if self.cfg.rope_interleave else ops.apply_rope_half
@@ -167,8 +168,8 @@ class Mistral4DecoderLayer(nnx.Module):
         self.self_attn = Mistral4Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if dense:
-            self.mlp = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs, width_axis="mlp",
-                                   fp8=True, lora="dense_mlp")
+            self.mlp = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs,
+                                   width_axis="mlp", fp8=True, lora="dense_mlp")
         else:
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
@@ -215,7 +216,8 @@ class Mistral4Model(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=init_normal, embedding_metadata=param_meta(("vocab", None)), rngs=rngs)
+                                      embedding_init=init_normal, embedding_metadata=param_meta(("vocab", None)),
+                                      rngs=rngs)
         k = cfg.first_k_dense_replace
         self.dense_layers = (stack_layers(lambda r: Mistral4DecoderLayer(cfg, True, dtype, r), k, rngs)
                              if k else None)
