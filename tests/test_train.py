@@ -17,9 +17,14 @@ from mistral4_jax.config import ModelConfig
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, load_examples, tokenize_record
-from mistral4_jax.train.data import BOS, EOS, END_INST, INST, make_batch
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.tokenizer import Tokenizer
+from mistral4_jax.train.data import make_batch
 
 CFG = ModelConfig.tiny(vocab_size=256).replace(vision=None)
+# v15 special ids (spec section 4)
+BOS, EOS, INST, END_INST, CALLS, SYS, END_SYS, ARGS, THINK, END_THINK, SET, END_SET = (
+    1, 2, 3, 4, 9, 17, 18, 32, 34, 35, 36, 37)
 
 
 def _model(seed=0):
@@ -37,27 +42,61 @@ def _write(path, lines):
 
 
 # ---------------------------------------------------------------------- data
-def test_chat_targets_are_the_assistant_turns():
-    ex = tokenize_record({"messages": [{"role": "system", "content": [40]}, {"role": "user", "content": [50, 51]},
-                                       {"role": "assistant", "content": [60, 61]}, {"role": "user", "content": [52]},
-                                       {"role": "assistant", "content": [62]}]}, None)
-    assert ex.ids.tolist() == [BOS, 17, 40, 18, INST, 50, 51, END_INST, 60, 61, EOS, INST, 52, END_INST, 62, EOS]
-    assert ex.ids[ex.targets].tolist() == [60, 61, EOS, 62, EOS]
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_tok")
+    write_tekken(d)
+    return Tokenizer.from_pretrained(d)
+
+
+def test_chat_targets_are_the_assistant_turns(tok):
+    e = tok.encode
+    calls = [{"id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Check it."},
+                                              {"type": "text", "text": "Checking."}], "tool_calls": calls}]
+    ex = tokenize_record({"messages": msgs, "reasoning_effort": "high"}, tok)
+    context = [BOS, SYS, *e("Be brief."), END_SYS, SET, *e('{"reasoning_effort": "high"}'), END_SET,
+               INST, *e("Hello"), END_INST]
+    reply1 = [*e("Hi!"), EOS]
+    context2 = [INST, *e("Weather?"), END_INST]
+    reply2 = [THINK, *e("Check it."), END_THINK, *e("Checking."), CALLS, *e("get_weather"), ARGS,
+              *e('{"city": "Paris"}'), EOS]
+    assert ex.ids.tolist() == context + reply1 + context2 + reply2
+    assert ex.targets.tolist() == [False] * len(context) + [True] * len(reply1) + [False] * len(context2) + \
+        [True] * len(reply2)
+
+
+def test_chat_records_train_on_the_prompt_inference_writes(tok):
+    # Fine-tuning chats carry the [MODEL_SETTINGS] block, as every inference prompt does: the context
+    # a record trains on is exactly the prompt `chat` / `generate` would encode for the same turns.
+    msgs = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."}]
+    for effort in ("none", "high"):
+        ex = tokenize_record({"messages": msgs, "reasoning_effort": effort}, tok)
+        prompt = tok.apply_chat_template(msgs[:1], reasoning_effort=effort).input_ids
+        assert SET in prompt and ex.ids[:len(prompt)].tolist() == prompt
+        assert ex.ids[len(prompt):].tolist() == [*tok.encode("Paris."), EOS]
+        assert not ex.targets[:len(prompt)].any() and ex.targets[len(prompt):].all()
+    # no reasoning_effort means "none", as for inference
+    assert tokenize_record({"messages": msgs}, tok).ids.tolist() == \
+        tokenize_record({"messages": msgs, "reasoning_effort": "none"}, tok).ids.tolist()
 
 
 def test_text_goes_through_the_tokenizer():
-    class Chars:  # any object with encode(text, add_bos) plugs in
+    class Chars:  # any object with encode(text, add_bos) plugs in for plain text
         def encode(self, text, add_bos=False):
             return [BOS] * add_bos + [100 + ord(c) - ord("a") for c in text]
 
     ex = tokenize_record({"text": "abc"}, Chars())
     assert ex.ids.tolist() == [BOS, 100, 101, 102] and ex.targets.tolist() == [False, True, True, True]
-    chat = tokenize_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-                           Chars())
-    assert chat.ids.tolist() == [BOS, INST, 100, END_INST, 101, EOS]
+    with pytest.raises(InputError, match="needs the model's tokenizer"):  # a chat needs the real renderer
+        tokenize_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                        Chars())
 
 
-def test_bad_data_is_refused_with_the_line(tmp_path):
+def test_bad_data_is_refused_with_the_line(tmp_path, tok):
     with pytest.raises(InputError, match="empty"):
         load_examples(_write(tmp_path / "empty.jsonl", ["", "  "]), None, 32)
     with pytest.raises(InputError, match=r"bad.jsonl:2: no 'messages', 'text' or 'ids'"):
@@ -68,8 +107,11 @@ def test_bad_data_is_refused_with_the_line(tmp_path):
         load_examples(_write(tmp_path / "text.jsonl", [{"text": "hello"}]), None, 32)
     with pytest.raises(InputError, match=r"vocab.jsonl:1: token id outside the vocabulary \[0, 256\)"):
         load_examples(_write(tmp_path / "vocab.jsonl", [{"ids": [1, 300]}]), None, 32, vocab_size=256)
-    with pytest.raises(InputError, match=r"role 'tool' is not supported"):
-        tokenize_record({"messages": [{"role": "tool", "content": [1]}]}, None)
+    with pytest.raises(InputError, match=r"r:1: a training conversation must end with an assistant turn"):
+        tokenize_record({"messages": [{"role": "user", "content": "x"}]}, tok, "r:1")
+    with pytest.raises(InputError, match=r"needs the model's tokenizer"):
+        tokenize_record({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                        None)
 
 
 def test_long_sequences_are_truncated_with_a_warning(tmp_path):
@@ -155,15 +197,14 @@ def test_cli_finetune_writes_a_loadable_model_and_a_log(tmp_path, capsys):
 
     synthetic.write_checkpoint(tmp_path / "m", CFG, fp8=True)
     g = np.random.default_rng(1)
-    lines = [{"messages": [{"role": "user", "content": g.integers(20, 256, 5).tolist()},
-                           {"role": "assistant", "content": g.integers(20, 256, 6).tolist()}]} for _ in range(4)]
-    data = _write(tmp_path / "chat.jsonl", lines)
+    lines = [{"ids": [BOS] + g.integers(20, 256, 7).tolist()} for _ in range(4)]
+    data = _write(tmp_path / "ids.jsonl", lines)
     argv = ["finetune", "--model", str(tmp_path / "m"), "--data", str(data), "--steps", "4", "--lr", "1e-3",
             "--out", str(tmp_path / "out"), "--batch-size", "2", "--lora-rank", "2", "--save-every", "2"]
     assert main(argv) == 0
     log = [json.loads(ln) for ln in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in log)
-    assert all(m["tokens"] == 2 * 7 for m in log)  # two rows of 6 assistant tokens + </s>
+    assert all(m["tokens"] == 2 * 7 for m in log)  # two rows of 7 targets (all ids after <s>)
     model = from_pretrained(tmp_path / "out", dtype="float32")
     assert model(np.asarray([[1, 3, 30, 4]])).shape == (1, 4, 256)
     assert main(argv[:-6] + ["--out", str(tmp_path / "bad"), "--lora-rank", "2", "--lora-targets", "mlp"]) == 2

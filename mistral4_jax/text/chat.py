@@ -38,6 +38,9 @@ class ChatPrompt:
     input_ids: list[int]
     pixel_values: np.ndarray | None = None
     image_sizes: np.ndarray | None = None
+    # True where the token belongs to an assistant turn (text, thinking, tool calls, closing </s>):
+    # the training targets of a finished conversation.
+    assistant_mask: list[bool] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -99,7 +102,13 @@ class _Encoder:
         self.tok = tok
         self.image_config = image_config
         self.ids: list[int] = [tok.bos]
+        self.mask: list[bool] = [False]
         self.images: list[np.ndarray] = []
+        self.assistant = False  # the turn being written is the assistant's
+
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
+        self.mask += [self.assistant] * len(ids)
 
     def parts(self, content: Any, where: str, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
         if isinstance(content, str):
@@ -123,11 +132,11 @@ class _Encoder:
         tok = self.tok
         for j, p in enumerate(parts):
             if p["type"] == "text":
-                self.ids += tok.encode(p["text"])
+                self.add(tok.encode(p["text"]))
             elif p["type"] == "thinking":
-                self.ids += [tok.think, *tok.encode(p["thinking"])]
+                self.add([tok.think, *tok.encode(p["thinking"])])
                 if p.get("closed", True):
-                    self.ids.append(tok.think_end)
+                    self.add([tok.think_end])
             else:
                 self.emit_image(p["image"], f"{where}.content[{j}]")
 
@@ -139,7 +148,7 @@ class _Encoder:
         pixels = preprocess(image, cfg, what=where)
         t = cfg.token_size
         cols, rows = pixels.shape[2] // t, pixels.shape[1] // t
-        self.ids += image_token_ids(cols, rows, self.tok.img, self.tok.img_break, self.tok.img_end)
+        self.add(image_token_ids(cols, rows, self.tok.img, self.tok.img_break, self.tok.img_end))
         self.images.append(pixels)
 
 
@@ -186,31 +195,47 @@ def apply_chat_template(tokenizer, messages: list[dict[str, Any]], reasoning_eff
     first_user = roles.index("user")
     for i, (m, role) in enumerate(zip(messages, roles)):
         where = f"messages[{i}] ({role})"
+        enc.assistant = role == "assistant"
         if role == "system":
-            enc.ids.append(tok.system_prompt)
+            enc.add([tok.system_prompt])
             enc.emit_parts(enc.parts(m.get("content"), where, ("text",)), where)
-            enc.ids.append(tok.system_prompt_end)
+            enc.add([tok.system_prompt_end])
         elif role == "user":
             if i == first_user:
                 if tools_block is not None:
-                    enc.ids += [tok.available_tools, *tok.encode(tools_block), tok.available_tools_end]
-                enc.ids += [tok.model_settings, *tok.encode(settings), tok.model_settings_end]
+                    enc.add([tok.available_tools, *tok.encode(tools_block), tok.available_tools_end])
+                enc.add([tok.model_settings, *tok.encode(settings), tok.model_settings_end])
             parts = enc.parts(m.get("content"), where, ("text", "image"))
             if len(parts) == 2 and parts[0]["type"] == "text" and parts[1]["type"] == "image":
                 parts = [parts[1], parts[0]]  # mistral-common's force_img_first
-            enc.ids.append(tok.inst)
+            enc.add([tok.inst])
             enc.emit_parts(parts, where)
-            enc.ids.append(tok.inst_end)
+            enc.add([tok.inst_end])
         elif role == "tool":
-            enc.ids.append(tok.tool_results)
+            enc.add([tok.tool_results])
             enc.emit_parts(enc.parts(m.get("content"), where, ("text", "image")), where)
-            enc.ids.append(tok.tool_results_end)
+            enc.add([tok.tool_results_end])
         else:
             _emit_assistant(enc, m, where, close=not (continue_final_message and i == len(messages) - 1))
     if enc.images:
         pixel_values, image_sizes = batch_images(enc.images)
-        return ChatPrompt(enc.ids, pixel_values, image_sizes)
-    return ChatPrompt(enc.ids)
+        return ChatPrompt(enc.ids, pixel_values, image_sizes, enc.mask)
+    return ChatPrompt(enc.ids, assistant_mask=enc.mask)
+
+
+def training_prompt(tokenizer, messages: list[dict[str, Any]], reasoning_effort: str | None = "none",
+                    tools: list[dict[str, Any]] | None = None,
+                    image_config: ImageConfig | None = None) -> ChatPrompt:
+    """A finished conversation for fine-tuning: the ids `apply_chat_template(...,
+    add_generation_prompt=False)` writes, whose `assistant_mask` marks the targets (every assistant
+    token: text, thinking, tool calls, and each turn's closing `</s>`). The last message must be an
+    assistant turn, as mistral-common's fine-tuning mode requires."""
+    if isinstance(messages, (list, tuple)) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") != "assistant":
+        raise InputError(f"a training conversation must end with an assistant turn, got "
+                         f"{messages[-1].get('role')!r} last")
+    return apply_chat_template(tokenizer, messages, reasoning_effort=reasoning_effort, tools=tools,
+                               add_generation_prompt=False, image_config=image_config)
 
 
 def _emit_assistant(enc: _Encoder, m: dict[str, Any], where: str, close: bool) -> None:
@@ -219,7 +244,7 @@ def _emit_assistant(enc: _Encoder, m: dict[str, Any], where: str, close: bool) -
     if not content and not calls:
         raise InputError(f"{where}: an assistant turn needs content or tool_calls")
     if isinstance(content, str):
-        enc.ids += tok.encode(content.rstrip(" "))  # mistral-common strips trailing spaces of string content
+        enc.add(tok.encode(content.rstrip(" ")))  # mistral-common strips trailing spaces of string content
     elif content:
         enc.emit_parts(enc.parts(content, where, ("text", "thinking")), where)
     for j, call in enumerate(calls):
@@ -227,10 +252,10 @@ def _emit_assistant(enc: _Encoder, m: dict[str, Any], where: str, close: bool) -
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
             raise InputError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name': ..., 'arguments': ...}}}}, "
                              f"got {call!r}")
-        enc.ids += [tok.tool_calls, *tok.encode(f["name"]), tok.args,
-                    *tok.encode(_arguments_json(f.get("arguments", {})))]
+        enc.add([tok.tool_calls, *tok.encode(f["name"]), tok.args,
+                 *tok.encode(_arguments_json(f.get("arguments", {})))])
     if close:
-        enc.ids.append(tok.eos)
+        enc.add([tok.eos])
 
 
 def parse_output(tokenizer, ids) -> ParsedOutput:

@@ -161,14 +161,9 @@ class Trainer:
 
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
-    d = Path(model_dir)
-    if not any((d / f).exists() for f in ("tekken.json", "tokenizer.json")):
-        return None
-    try:
-        from ..text.tokenizer import Tokenizer
-    except ImportError:
-        return None
-    return Tokenizer.from_pretrained(d)
+    from ..text.tokenizer import Tokenizer
+
+    return Tokenizer.find(model_dir, required=False)
 
 
 def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str | os.PathLike,
