@@ -107,7 +107,7 @@ def test_bad_data_is_refused_with_the_line(tmp_path, tok):
         load_examples(_write(tmp_path / "text.jsonl", [{"text": "hello"}]), None, 32)
     with pytest.raises(InputError, match=r"vocab.jsonl:1: token id outside the vocabulary \[0, 256\)"):
         load_examples(_write(tmp_path / "vocab.jsonl", [{"ids": [1, 300]}]), None, 32, vocab_size=256)
-    with pytest.raises(InputError, match=r"r:1: a training conversation must end with an assistant turn"):
+    with pytest.raises(InputError, match=r"r:1: a training conversation must end with a finished assistant turn"):
         tokenize_record({"messages": [{"role": "user", "content": "x"}]}, tok, "r:1")
     with pytest.raises(InputError, match=r"needs the model's tokenizer"):
         tokenize_record({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
