@@ -322,3 +322,41 @@ def test_generated_conversations_equal_mistral_common(ours, theirs):
     # the corpus covers every kind of case, and both outcomes
     assert seen["equal"] >= N_CHATS and seen["refused"] >= 30, seen
     assert min(kinds.values()) >= 20, kinds
+
+
+# ---------------------------------------------------------------------- parsing generated ids
+def _mc_parse(tokenizer: MistralTokenizer, ids: list[int]):
+    """How mistral-common's reference server reads generated ids (`experimental/app/routers.py`):
+    content and tool calls split at [TOOL_CALLS], the content into think and text chunks."""
+    from mistral_common.experimental.think import _split_content_and_think_chunks
+    from mistral_common.experimental.tools import _decode_tool_calls, _split_content_and_tool_calls
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    it = tokenizer.instruct_tokenizer
+    content, calls = _split_content_and_tool_calls(ids, it.tokenizer.get_special_token("[TOOL_CALLS]"))
+    text, think = [], []
+    for chunk, is_think in _split_content_and_think_chunks(content, it.BEGIN_THINK, it.END_THINK):
+        (think if is_think else text).append(it.tokenizer.decode(chunk, special_token_policy=SpecialTokenPolicy.IGNORE))
+    tool_calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                  for c in _decode_tool_calls(calls, it.tokenizer)]
+    return "".join(text), "".join(think) if think else None, tool_calls
+
+
+def test_parse_output_equals_mistral_common(ours, theirs):
+    r = random.Random(4)
+    e = ours.encode
+    for n in range(200):
+        # a well-formed answer: reasoning (left open only when nothing follows), text, tool calls
+        ids, open_think = [], r.random() < 0.1
+        if open_think or r.random() < 0.5:
+            ids += [ours.think, *e(_text(r, empty_ok=False))] + [ours.think_end] * (not open_think)
+        if not open_think:
+            ids += e(_text(r))
+            for _ in range(r.choice([0, 0, 1, 2])):
+                ids += [ours.tool_calls, *e(r.choice(NAMES)), ours.args,
+                        *e(json.dumps({"q": _text(r), "n": r.randint(0, 99)}, ensure_ascii=False))]
+        finished = r.random() < 0.7
+        ids += [ours.eos] * finished
+        got = ours.parse_output(ids)
+        content, reasoning, calls = _mc_parse(theirs["prompt"], ids)
+        assert (got.content, got.reasoning, got.tool_calls, got.finished) == (content, reasoning, calls, finished), n
