@@ -18,6 +18,7 @@ from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, load_examples, tokenize_record
 from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.images import ImageConfig
 from mistral4_jax.text.tokenizer import Tokenizer
 from mistral4_jax.train.data import make_batch
 
@@ -251,3 +252,52 @@ def test_remat_bf16_and_aux_loss_options(tmp_path):
     tr.train_step()
     assert {x.dtype for x in jax.tree.leaves(tr.state["trainable"])} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------------- chats with images, tools, reasoning
+def _multimodal_records(n=4):
+    """Fine-tuning records as `apply_chat_template` takes them: a system prompt, a user turn with an
+    image (all 56 x 84 pixels: one batch shape, one compile), reasoning, a tool call and its result."""
+    g = np.random.default_rng(2)
+    tools = [{"type": "function", "function": {"name": "count", "description": "Count shapes.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    out = []
+    for i in range(n):
+        img = g.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+        out.append({"reasoning_effort": "high", "tools": tools, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": f"Picture {i}?"}, {"type": "image", "image": img}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Count them."}],
+             "tool_calls": [{"id": f"call{i}", "function": {"name": "count", "arguments": {"n": i}}}]},
+            {"role": "tool", "tool_call_id": f"call{i}", "content": str(i + 2)},
+            {"role": "assistant", "content": f"There are {i + 2} shapes."}]})
+    return out
+
+
+def test_chat_records_with_images_train_through_the_vision_tower(tmp_path):
+    import torch
+
+    ref = R.build(R.hf_config(text={"vocab_size": 1024}), seed=3)
+    model = from_pretrained(R.save(ref, tmp_path / "ref"), dtype="float32")
+    write_tekken(tmp_path / "tok", vocab_size=1024)
+    tok = Tokenizer.from_pretrained(tmp_path / "tok", image_config=ImageConfig.from_model_config(model.config))
+    examples = [tokenize_record(r, tok) for r in _multimodal_records()]
+    assert all(len(e.images) == 1 and e.images[0].shape == (3, 56, 84) for e in examples)
+    cfg = TrainConfig(steps=20, lr=3e-3, batch_size=4, max_len=256)
+    tr = Trainer(model, examples, cfg, tmp_path / "run")
+    batch = tr.next_batch()
+    assert batch["pixel_values"].shape == (4, 3, 56, 84) and batch["image_sizes"].tolist() == [[56, 84]] * 4
+    # the first step's loss is the reference's on the same batch (the images through its vision tower)
+    with torch.no_grad():
+        out = ref(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+                  attention_mask=torch.as_tensor(batch["attention_mask"]),
+                  pixel_values=torch.as_tensor(batch["pixel_values"]),
+                  image_sizes=torch.as_tensor(batch["image_sizes"]))
+    nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 1024).float(),
+                                            torch.as_tensor(batch["input_ids"][:, 1:], dtype=torch.long).reshape(-1),
+                                            reduction="none")
+    w = torch.as_tensor(batch["targets"][:, 1:]).reshape(-1).float()
+    want = float((nll * w).sum() / w.sum())
+    losses = [m["loss"] for m in tr.run(progress=False)]
+    assert abs(losses[0] - want) / want < 1e-4, (losses[0], want)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])

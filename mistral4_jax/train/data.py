@@ -9,17 +9,23 @@ Each line is one JSON object, one of:
 
 A chat is rendered by the one v15 renderer, `mistral4_jax.text.chat` (the same ids `chat`, `generate`
 and the servers write): `[MODEL_SETTINGS]` block, tools, `[THINK]` parts and tool calls included.
-`messages`, `reasoning_effort` and `tools` are what `apply_chat_template` takes; the conversation ends
-with an assistant turn. The targets are the assistant tokens: text, thinking, tool calls and each
+`messages`, `reasoning_effort` and `tools` are what `apply_chat_template` takes (images too: they are
+preprocessed with the model's image settings and go through the vision tower in the train step); the
+conversation ends with an assistant turn. The targets are the assistant tokens: text, thinking, tool calls and each
 turn's closing `</s>` (`ChatPrompt.assistant_mask`); system, user and tool turns and the settings and
-tools blocks are context only.
+tools blocks are context only. Why: the model only ever writes assistant turns, so those are what it
+learns; `</s>` is a target so that it learns where a turn ends (and `[TOOL_CALLS]` so that it learns
+when to call); the rest is written by people, tools or the template and is given, never predicted.
+Every assistant turn is trained, not only the last, as mistral-common's fine-tuning messages default
+to (weight 1).
 
 Tokenising is one separate step, `tokenize_record(record, tokenizer)`: `tokenizer` is a
 `mistral4_jax.text.tokenizer.Tokenizer` (for "text" any object with `encode(text, add_bos=...)`
 will do), or None for token-id data.
 
 Sequences longer than `max_len` are truncated to `max_len` (keeping the start) with one warning
-that counts them; an example left with no target token is dropped, with a warning.
+that counts them (a record with images is refused instead: its image blocks cannot be cut); an
+example left with no target token is dropped, with a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..jsonl import read_jsonl
+from ..text.images import batch_images
 
 PAD = 11  # the v15 <pad> id (spec 4); padded positions are masked out of the loss
 
@@ -45,6 +52,7 @@ class Encoder(Protocol):
 class Example:
     ids: np.ndarray  # int32 [T]
     targets: np.ndarray  # bool [T]: True where token t is trained on (predicted from tokens < t)
+    images: tuple[np.ndarray, ...] = ()  # float32 [3, H, W] each, in the order of their [IMG] blocks
 
 
 def _ids(value, where: str) -> list[int]:
@@ -83,9 +91,9 @@ def _chat(record: dict, tokenizer, where: str) -> Example:
                                  tools=record.get("tools"))
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
-    if prompt.num_images:
-        raise InputError(f"{where}: images in training records are not supported yet")
-    return Example(np.asarray(prompt.input_ids, np.int32), np.asarray(prompt.assistant_mask, bool))
+    images = tuple(prompt.pixel_values[k, :, :h, :w] for k, (h, w) in enumerate(prompt.image_sizes)) \
+        if prompt.num_images else ()
+    return Example(np.asarray(prompt.input_ids, np.int32), np.asarray(prompt.assistant_mask, bool), images)
 
 
 def load_examples(path: str | os.PathLike, tokenizer: Encoder | None, max_len: int,
@@ -97,6 +105,9 @@ def load_examples(path: str | os.PathLike, tokenizer: Encoder | None, max_len: i
         ex = tokenize_record(rec, tokenizer, where)
         if vocab_size is not None and len(ex.ids) and (ex.ids.min() < 0 or ex.ids.max() >= vocab_size):
             raise InputError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+        if len(ex.ids) > max_len and ex.images:
+            raise InputError(f"{where}: a record with images is {len(ex.ids)} tokens, longer than max_len={max_len}; "
+                             "its image blocks cannot be cut: raise max_len or shorten the record")
         if len(ex.ids) > max_len:
             truncated += 1
             ex = Example(ex.ids[:max_len], ex.targets[:max_len])
@@ -123,15 +134,21 @@ def make_batch(examples: list[Example], position: int, batch_size: int, seq_len:
     """The batch that starts at global example `position` (epochs follow each other, each shuffled).
 
     Returns numpy arrays: input_ids int32 [B, T] (padded with <pad>), attention_mask int32 [B, T],
-    targets bool [B, T].
+    targets bool [B, T]; and when the rows hold images, pixel_values float32 [N, 3, H, W] and
+    image_sizes int32 [N, 2] of all of them in row order (as the model takes them: `batch_images`).
     """
     n = len(examples)
     ids = np.full((batch_size, seq_len), PAD, np.int32)
     mask = np.zeros((batch_size, seq_len), np.int32)
     targets = np.zeros((batch_size, seq_len), bool)
+    images = []
     for row in range(batch_size):
         g = position + row
         ex = examples[epoch_order(n, seed, g // n)[g % n]]
         t = len(ex.ids)
         ids[row, :t], mask[row, :t], targets[row, :t] = ex.ids, 1, ex.targets
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+        images += ex.images
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    if images:
+        batch["pixel_values"], batch["image_sizes"] = batch_images(images)
+    return batch

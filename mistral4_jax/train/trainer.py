@@ -115,13 +115,16 @@ class Trainer:
     # ------------------------------------------------------------------ running
     def next_batch(self) -> dict:
         b = data_lib.make_batch(self.examples, self.position, self.cfg.batch_size, self.seq_len, self.cfg.seed)
+        images = {k: b.pop(k) for k in ("pixel_values", "image_sizes") if k in b}  # not split over the batch
         if self.mesh is not None:
             b = jax.device_put(b, batch_sharding(self.mesh, self.cfg.batch_size))
-        return b
+        return {**b, **images}
 
     def train_step(self) -> dict:
         batch = self.next_batch()
-        self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+        pixels, sizes = batch.pop("pixel_values", None), batch.pop("image_sizes", None)
+        self.state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
+                                           None if sizes is None else tuple(map(tuple, sizes.tolist())))
         self.position += self.cfg.batch_size
         m = {k: float(v) for k, v in metrics.items()}
         m["step"] = self.step
