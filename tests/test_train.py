@@ -288,16 +288,21 @@ def test_chat_records_with_images_train_through_the_vision_tower(tmp_path):
     batch = tr.next_batch()
     assert batch["pixel_values"].shape == (4, 3, 56, 84) and batch["image_sizes"].tolist() == [[56, 84]] * 4
     # the first step's loss is the reference's on the same batch (the images through its vision tower)
-    with torch.no_grad():
-        out = ref(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
-                  attention_mask=torch.as_tensor(batch["attention_mask"]),
-                  pixel_values=torch.as_tensor(batch["pixel_values"]),
-                  image_sizes=torch.as_tensor(batch["image_sizes"]))
+    # the first step's loss and gradient norm are the reference's on the same batch (torch autograd
+    # through its vision tower); the step's grad_norm is taken before clipping
+    out = ref(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+              attention_mask=torch.as_tensor(batch["attention_mask"]),
+              pixel_values=torch.as_tensor(batch["pixel_values"]), image_sizes=torch.as_tensor(batch["image_sizes"]))
     nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 1024).float(),
                                             torch.as_tensor(batch["input_ids"][:, 1:], dtype=torch.long).reshape(-1),
                                             reduction="none")
     w = torch.as_tensor(batch["targets"][:, 1:]).reshape(-1).float()
-    want = float((nll * w).sum() / w.sum())
-    losses = [m["loss"] for m in tr.run(progress=False)]
-    assert abs(losses[0] - want) / want < 1e-4, (losses[0], want)
+    loss = (nll * w).sum() / w.sum()
+    loss.backward()
+    want_norm = float(np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ref.parameters() if p.grad is not None)))
+    assert ref.model.vision_tower.patch_conv.weight.grad.abs().max() > 0  # the images take part in the loss
+    hist = tr.run(progress=False)
+    losses = [m["loss"] for m in hist]
+    assert abs(losses[0] - loss.item()) / loss.item() < 1e-4, (losses[0], loss.item())
+    assert abs(hist[0]["grad_norm"] - want_norm) / want_norm < 1e-4, (hist[0]["grad_norm"], want_norm)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
