@@ -17,20 +17,21 @@ import random
 import numpy as np
 import pytest
 from PIL import Image
+from mistral_common.exceptions import MistralCommonException  # pinned in the test extra
+from mistral_common.protocol.instruct.chunk import ImageChunk
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage, SystemMessage, ToolMessage, UserMessage)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.image import ImageConfig as MCImageConfig
+from mistral_common.tokens.tokenizers.image import ImageEncoder, SpecialImageIDs
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral4_jax import InputError
 from mistral4_jax.text.chat import training_prompt
 from mistral4_jax.text.images import ImageConfig, preprocess
 from mistral4_jax.text.tokenizer import SPECIAL_FILLER, SPECIAL_TOKENS, Tokenizer
-
-mc = pytest.importorskip("mistral_common")
-from mistral_common.exceptions import MistralCommonException  # noqa: E402
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage  # noqa: E402
-from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
-from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
-from mistral_common.tokens.tokenizers.image import ImageConfig as MCImageConfig  # noqa: E402
-from mistral_common.tokens.tokenizers.image import ImageEncoder, SpecialImageIDs  # noqa: E402
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
 N_CHATS = 300
 # mistral-common and we both resize with OpenCV and normalise in float32: pixels agree exactly;
@@ -82,7 +83,7 @@ def test_encode_decode_and_special_ids(ours, theirs):
                         ("img", "[IMG]"), ("model_settings", "[MODEL_SETTINGS]"), ("args", "[ARGS]")]:
         assert getattr(ours, name) == raw.get_special_token(token)
     mixed = [1, 3, *ours.encode("hi"), 4, 34, *ours.encode("ok"), 35, 2]
-    assert ours.decode(mixed) == raw.decode(mixed, special_token_policy=mc.tokens.tokenizers.base.SpecialTokenPolicy.KEEP)
+    assert ours.decode(mixed) == raw.decode(mixed, special_token_policy=SpecialTokenPolicy.KEEP)
     assert ours.decode(mixed, skip_special_tokens=True) == raw.decode(mixed)
 
 
@@ -95,7 +96,7 @@ def test_images_equal_mistral_common(hw):
     for channels, mode in [(3, "RGB"), (4, "RGBA"), (1, "L"), (4, "LA"), (3, "P")]:
         a = rng.integers(0, 256, (*hw, channels) if channels > 1 else hw, dtype=np.uint8)
         img = Image.fromarray(a).convert(mode) if mode in ("LA", "P") else Image.fromarray(a)
-        ref = enc(mc.protocol.instruct.chunk.ImageChunk(image=img))
+        ref = enc(ImageChunk(image=img))
         got = preprocess(img, ImageConfig())
         assert got.shape == ref.image.shape, (hw, mode)
         np.testing.assert_allclose(got, ref.image, rtol=0, atol=PIXEL_ATOL)
@@ -330,7 +331,6 @@ def _mc_parse(tokenizer: MistralTokenizer, ids: list[int]):
     content and tool calls split at [TOOL_CALLS], the content into think and text chunks."""
     from mistral_common.experimental.think import _split_content_and_think_chunks
     from mistral_common.experimental.tools import _decode_tool_calls, _split_content_and_tool_calls
-    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
     it = tokenizer.instruct_tokenizer
     content, calls = _split_content_and_tool_calls(ids, it.tokenizer.get_special_token("[TOOL_CALLS]"))
