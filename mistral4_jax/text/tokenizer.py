@@ -11,7 +11,7 @@ Two on-disk layouts are read:
 
 Plain text is always encoded as text: a user typing "[INST]" gets the characters, never the control
 token (as mistral-common's Tekkenizer does). Control tokens enter a prompt only through the chat
-template (`mistral4_jax.chat`).
+template (`mistral4_jax.text.chat`).
 """
 
 from __future__ import annotations
@@ -262,13 +262,13 @@ class Tokenizer:
     def apply_chat_template(self, messages, reasoning_effort: str | None = "none", tools=None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,
                             image_config: ImageConfig | None = None):
-        """The v15 chat prompt of `messages`: see `mistral4_jax.chat.apply_chat_template`."""
+        """The v15 chat prompt of `messages`: see `mistral4_jax.text.chat.apply_chat_template`."""
         return chat.apply_chat_template(self, messages, reasoning_effort=reasoning_effort, tools=tools,
                                         add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message, image_config=image_config)
 
     def parse_output(self, ids):
-        """Reasoning, answer and tool calls of generated ids: see `mistral4_jax.chat.parse_output`."""
+        """Reasoning, answer and tool calls of generated ids: see `mistral4_jax.text.chat.parse_output`."""
         return chat.parse_output(self, ids)
 
     def __repr__(self) -> str:
