@@ -18,6 +18,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -162,10 +163,12 @@ def init_state(trainable, tx: optax.GradientTransformation) -> dict:
     return {"trainable": trainable, "opt_state": tx.init(_f32(trainable)), "step": jnp.zeros((), jnp.int32)}
 
 
-def train_step(state, frozen, batch, *, graphdef, cfg: TrainConfig, tx):
-    """One optimizer step; returns (new state, metrics)."""
+def train_step(state, frozen, batch, pixel_values=None, image_sizes=None, *, graphdef, cfg: TrainConfig, tx):
+    """One optimizer step; returns (new state, metrics). Images of the batch: pixel_values [N, 3, H, W]
+    and image_sizes, a static tuple of (height, width) (the patch layout is built on the host)."""
+    images = None if pixel_values is None else (pixel_values, np.asarray(image_sizes))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (ce, aux, n)), grads = grad_fn(state["trainable"], frozen, batch, graphdef, cfg)
+    (loss, (ce, aux, n)), grads = grad_fn(state["trainable"], frozen, batch, graphdef, cfg, images)
     grads = _f32(grads)
     params32 = _f32(state["trainable"])
     updates, opt_state = tx.update(grads, state["opt_state"], params32)
@@ -218,10 +221,10 @@ def compile_step(graphdef, cfg: TrainConfig, tx, mesh: Mesh | None, state, froze
     """The jitted step; with a mesh, state/batch/frozen shardings pinned and the state donated."""
     fn = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=0, static_argnums=4)
     st = state_shardings(state, tx, mesh, frozen)
     fr = None if frozen is None else _param_shardings(frozen, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     b = batch_sharding(mesh, cfg.batch_size)
-    return jax.jit(fn, in_shardings=(st, fr, {"input_ids": b, "attention_mask": b, "targets": b}),
-                   out_shardings=(st, replicated), donate_argnums=0)
+    return jax.jit(fn, in_shardings=(st, fr, {"input_ids": b, "attention_mask": b, "targets": b}, replicated),
+                   out_shardings=(st, replicated), donate_argnums=0, static_argnums=4)
