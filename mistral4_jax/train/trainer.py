@@ -27,6 +27,7 @@ from flax import nnx
 
 from ..errors import InputError
 from ..checkpoints.save import save_pretrained
+from ..sharding import as_auto_mesh
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
 from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model, state_shardings
@@ -48,6 +49,7 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, examples: list[data_lib.Example], cfg: TrainConfig,
                  out: str | os.PathLike, mesh=None, save_every: int = 100):
+        mesh = as_auto_mesh(mesh)
         self.cfg, self.examples, self.mesh, self.out = cfg, examples, mesh, Path(out)
         self.model_config = model.config
         self.seq_len = min(cfg.max_len, max(len(e.ids) for e in examples))
