@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class Trainer:
         return {"state": self.state, "rng": jax.random.key_data(self.key)}
 
     def save(self, force: bool = False) -> None:
+        if self.step in self.manager.all_steps():  # interrupted again before the next step finished
+            return
         leaves = jax.tree.leaves(self._tree())
         meta = {"position": self.position, "seed": self.cfg.seed, "config": _run_config(self.cfg)}
         self.manager.save(self.step, args=ocp.args.Composite(
@@ -161,6 +164,22 @@ class Trainer:
         return save_pretrained(params, self.model_config, path or self.out)
 
 
+# The tokenizer and chat files beside a model, copied into the exported model so that it is complete.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "generation_config.json", "SYSTEM_PROMPT.txt")
+
+
+def copy_tokenizer(model_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Copy the tokenizer files of `model_dir` into `out`, each through a temporary name (never half-written)."""
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            tmp = Path(out) / f".{name}.partial-{os.getpid()}"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, Path(out) / name)
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
     d = Path(model_dir)
@@ -196,6 +215,7 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
     history = trainer.run(until=until, progress=progress)
     if trainer.step >= cfg.steps:
         trainer.export()
+        copy_tokenizer(model_dir, out)
         log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
     return history
 
