@@ -438,48 +438,97 @@ INTERRUPTED = {
 }
 
 
+_received: list[int] = []  # signals delivered to this process (the last one is re-delivered if swallowed)
+_state = {"command": None, "exit_now": False}
+
+# The modules each command imports, loaded first (jax alone takes seconds). An exception raised inside
+# a native module's initialisation aborts the process, so a signal during these imports ends it at once
+# (nothing is written yet) instead of raising.
+IMPORTS = {
+    "demo": ("mistral4_jax.demo.tiny", "mistral4_jax.train", "mistral4_jax.checkpoints.convert",
+             "mistral4_jax.inference.generate", "mistral4_jax.inference.score"),
+    "chat": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.streaming"),
+    "generate": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.tokenizer"),
+    "eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.text.tokenizer"),
+    "finetune": ("mistral4_jax.checkpoints.load", "mistral4_jax.train", "mistral4_jax.text.tokenizer"),
+    "convert": ("mistral4_jax.checkpoints.convert", "mistral4_jax.checkpoints.orbax"),
+}
+
+
+def _preimport(command: str, program: bool) -> None:
+    import importlib
+
+    if command == "convert":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as run_convert: conversion is host work
+    _state["exit_now"] = program
+    try:
+        for name in IMPORTS.get(command, ()):
+            importlib.import_module(name)
+    finally:
+        _state["exit_now"] = False
+
+
 def _on_signal(signum, frame):
     """SIGINT / SIGTERM: silence the loggers of library threads (Orbax reports the interrupt through absl
     with a traceback), then raise into the main thread, where every cleanup path runs."""
     import logging
 
     logging.disable(logging.CRITICAL)
-    signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup of the first
+    _received.append(signum)
+    if _state["exit_now"]:
+        os._exit(_interrupted(None))
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def _interrupted(args, e: KeyboardInterrupt) -> int:
-    what = "terminated" if isinstance(e, Terminated) else "interrupted"
-    note = INTERRUPTED.get(args.command, "").format(**vars(args))
-    print(f"mistral4-jax {args.command}: {what}" + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
-    return 143 if isinstance(e, Terminated) else 130
+def _on_unraisable(unraisable) -> None:
+    """An interrupt raised while a gc or weakref callback ran is swallowed by Python ("Exception
+    ignored in ..."): deliver the signal again, so that it lands in ordinary code."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+        signal.raise_signal(_received[-1])
+        return
+    sys.__unraisablehook__(unraisable)
 
 
-def _run(parser, argv) -> tuple[int, argparse.Namespace | None]:
+def _interrupted(args) -> int:
+    term = _received[-1:] == [signal.SIGTERM]
+    what = "terminated" if term else "interrupted"
+    command = getattr(args, "command", None) or _state["command"]
+    note = INTERRUPTED.get(command, "").format(**vars(args)) if args is not None and command else ""
+    print(f"mistral4-jax{' ' + command if command else ''}: {what}" + (f"; {note}" if note else ""),
+          file=sys.stderr, flush=True)
+    return 143 if term else 130
+
+
+def _run(parser, argv) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
-            return 2, args
+            return 2
+        _state["command"] = args.command
+        _preimport(args.command, program=argv is None)
+        return args.func(args)
+    except SystemExit:
+        raise
+    except BaseException as e:
         from .errors import Mistral4Error
 
-        try:
-            return args.func(args), args
-        except (UsageError, Mistral4Error) as e:
+        # After a signal, whatever comes out is the interrupt, however a library re-raised it (numpy
+        # turns one during its import into an ImportError, Orbax one during a save into its own error).
+        if _received or isinstance(e, KeyboardInterrupt):
+            if not _received:
+                _received.append(signal.SIGINT)
+            return _interrupted(args)
+        if not isinstance(e, Exception) or os.environ.get("MISTRAL4_JAX_TRACEBACK"):
+            raise
+        if isinstance(e, (UsageError, Mistral4Error)):
             print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
-            return 2, args
-        except (OSError, RuntimeError, ValueError, MemoryError) as e:
-            if os.environ.get("MISTRAL4_JAX_TRACEBACK"):
-                raise
-            print(f"mistral4-jax {args.command}: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                  " (MISTRAL4_JAX_TRACEBACK=1 shows where)", file=sys.stderr)
-            return 1, args
-    except KeyboardInterrupt as e:
-        if args is None or not getattr(args, "command", None):
-            print("mistral4-jax: " + ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr)
-            return (143 if isinstance(e, Terminated) else 130), args
-        return _interrupted(args, e), args
+            return 2
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mistral4-jax {args.command}: error: {type(e).__name__}: {first} "
+              "(MISTRAL4_JAX_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:
@@ -494,11 +543,16 @@ def main(argv=None) -> int:
 
     on_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
-    for s in previous:
-        signal.signal(s, _on_signal)
+    for s, h in previous.items():
+        if h is not signal.SIG_IGN:  # a signal ignored by whoever started us (nohup, a background job) stays so
+            signal.signal(s, _on_signal)
+    _received.clear()
+    _state.update(command=None, exit_now=False)
+    hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
     try:
-        rc, _ = _run(parser, argv)
+        rc = _run(parser, argv)
     finally:
+        sys.unraisablehook = hook
         for s, h in previous.items():
             signal.signal(s, h)
     if argv is None and rc in (130, 143):
