@@ -58,7 +58,7 @@ def test_train_step_on_an_explicit_mesh(tmp_path):
             (1, 8, 1), ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3))):
         tr = Trainer(_model(), _examples(), cfg, tmp_path / name, mesh=mesh)
         out[name] = (tr.train_step(), jax.tree.map(np.asarray, tr.state["trainable"]), tr.seq_len)
-    (m1, p1, seq_len), (me, pe, _) = out["one"], out["explicit"]
+    (m1, p1, seq_len), (_, pe, _) = out["one"], out["explicit"]
     init = jax.tree.map(np.asarray, nnx.state(_model(), nnx.Param))
     scale, n_summed = min(m1["grad_norm"], cfg.clip_norm), cfg.batch_size * seq_len
     for (path, a), (_, e), (_, c) in zip(*(nnx.to_flat_state(t) for t in (p1, pe, init))):

@@ -74,7 +74,16 @@ def _finetune(hf, out):
 
 def test_interrupts_during_imports_and_convert_leave_nothing(hf, tmp_path):
     run = Run(tmp_path, "generate", "--model", str(hf), "--prompt", "hi")
-    time.sleep(1.0)  # the command's own imports (jax) take seconds: this lands inside them
+    maps = Path(f"/proc/{run.p.pid}/maps")
+    # jaxlib's library is mapped once the command's own imports began (the CLI module imports no jax);
+    # the rest of them (flax, orbax, the package) take seconds more: the signal lands inside them
+    def imports_began() -> bool:
+        if not maps.exists():  # no /proc: one second is well inside the imports
+            time.sleep(1.0)
+            return True
+        return "jaxlib" in maps.read_text()
+
+    run.wait_for(imports_began)
     _one_clean_line(*reversed(run.stop(signal.SIGINT)), 130, "mistral4-jax generate: interrupted")
 
     dst = tmp_path / "converted"
