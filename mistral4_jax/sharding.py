@@ -57,8 +57,8 @@ def as_auto_mesh(mesh) -> Mesh | None:
     """The mesh the model runs on: `mesh` with every axis Auto (None stays None).
 
     `jax.make_mesh` gives Explicit axes, under which jax asks each gather (the embedding lookup) for an
-    output sharding; the rules table already says where everything lives, so the same devices and
-    axis names as Auto axes mean the same layout. Axis names must come from MESH_AXES.
+    output sharding; the parameters' declared axes already say where everything lives, so the same
+    devices and axis names as Auto axes mean the same layout. Axis names must come from MESH_AXES.
     """
     if mesh is None:
         return None
