@@ -316,13 +316,13 @@ def _typed(section: str, key: str, val: Any, annotation: str, problems: list[str
     want = " or ".join(sorted(kinds - {"None"})) + (" or null" if "None" in kinds else "")
     if "int" in kinds and isinstance(val, float):
         want += " (a float is accepted only when integral, e.g. 2.0)"
-    problems.append(f"{section}.{key} must be {want}, got {json_repr(val)}")
+    problems.append(f"{section}.{key} must be {want}, got {_json_repr(val)}")
     return None
 
 
-def json_repr(val: Any) -> str:
-    return f"{json.dumps(val)} ({type(val).__name__})" if val is None or isinstance(val, (str, float, bool)) \
-        else f"{val!r} ({type(val).__name__})"
+def _json_repr(val: Any) -> str:
+    """The value as the file spells it, and its Python type: `"2" (str)`, `null (NoneType)`."""
+    return f"{json.dumps(val, default=repr)} ({type(val).__name__})"
 
 
 def _typed_section(d: dict, cls, section: str, problems: list[str], renames: dict[str, str] | None = None,
@@ -343,7 +343,7 @@ def _int_list(section: str, key: str, val: Any, problems: list[str], allow_int: 
         isinstance(val, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in val))
     if val is not None and not ok:
         problems.append(f"{section}.{key} must be {'an int or ' if allow_int else ''}a list of ints or null, "
-                        f"got {json_repr(val)}")
+                        f"got {_json_repr(val)}")
 
 
 def check_types(d: dict[str, Any], source: str) -> dict[str, Any]:
@@ -358,7 +358,7 @@ def check_types(d: dict[str, Any], source: str) -> dict[str, Any]:
         for key in ("rope_parameters", "rope_scaling"):
             rope = t.get(key)
             if rope is not None and not isinstance(rope, dict):
-                problems.append(f"{section}.{key} must be an object, got {json_repr(rope)}")
+                problems.append(f"{section}.{key} must be an object, got {_json_repr(rope)}")
             elif rope is not None:
                 t[key] = _typed_section(rope, RopeConfig, f"{section}.{key}", problems)
                 if "partial_rotary_factor" in rope:
@@ -382,23 +382,24 @@ def check_types(d: dict[str, Any], source: str) -> dict[str, Any]:
                                                                    skip=("image_size", "patch_size")))):
             sub = d.get(key)
             if sub is not None and not isinstance(sub, dict):
-                problems.append(f"{key} must be an object, got {json_repr(sub)}")
+                problems.append(f"{key} must be an object, got {_json_repr(sub)}")
             elif sub is not None:
                 d[key] = fn(sub)
+        vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
         for key in ("image_size", "patch_size"):
-            _int_list("vision_config", key, (d.get("vision_config") or {}).get(key), problems, allow_int=True)
+            _int_list("vision_config", key, vision.get(key), problems, allow_int=True)
     q = d.get("quantization_config")
     if q is not None and not isinstance(q, dict):
-        problems.append(f"quantization_config must be an object, got {json_repr(q)}")
+        problems.append(f"quantization_config must be an object, got {_json_repr(q)}")
     elif q:
         for key in ("quant_method", "activation_scheme"):
             if key in q and not isinstance(q[key], str):
-                problems.append(f"quantization_config.{key} must be str, got {json_repr(q[key])}")
+                problems.append(f"quantization_config.{key} must be str, got {_json_repr(q[key])}")
         _int_list("quantization_config", "weight_block_size", q.get("weight_block_size"), problems, allow_int=False)
         mods = q.get("modules_to_not_convert")
         if mods is not None and not (isinstance(mods, list) and all(isinstance(m, str) for m in mods)):
             problems.append(f"quantization_config.modules_to_not_convert must be a list of str or null, "
-                            f"got {json_repr(mods)}")
+                            f"got {_json_repr(mods)}")
     if problems:
         raise ConfigError(f"{source}: wrong value type{'s' * (len(problems) > 1)}: " + "; ".join(problems))
     return d
