@@ -2,7 +2,7 @@
 
 Errors print one line, `mistral4-jax COMMAND: error: ...`: exit 2 when the arguments or input files are
 wrong (argparse's own errors, `UsageError`, every `Mistral4Error`), 1 when a run fails otherwise.
-SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_signals`).
+SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_on_signal`, `_preimport`).
 """
 
 from __future__ import annotations
