@@ -68,7 +68,9 @@ def test_perplexity_sliding_window_matches_reference(pair):
     ([([], [1])], "requests[0].context"),
     ([([1], [])], "requests[0].continuation"),
     ([([1], [2]), ([1], [300])], "requests[1].continuation[0] = 300"),
-    ([([1] * 250, [2] * 7)], "max_position_embeddings = 256"),
+    # 258 tokens feed 257 positions (the last is only predicted); 257 tokens, a full window, are accepted
+    ([([1] * 250, [2] * 8)], "context + continuation - 1 = 257 tokens fed exceeds the context limit "
+                             "max_position_embeddings = 256"),
 ])
 def test_bad_requests_are_refused(pair, requests, message):
     with pytest.raises(InputError) as e:
