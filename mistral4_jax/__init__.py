@@ -6,19 +6,26 @@ start without importing jax: the command installs its signal handlers before the
 
 import importlib
 
+# name -> the module that defines it, grouped as a reader looks for them.
 _EXPORTS = {
-    "apply_chat_template": ".text.chat", "parse_output": ".text.chat",
-    "ModelConfig": ".config", "QuantConfig": ".config", "RopeConfig": ".config", "TextConfig": ".config",
-    "VisionConfig": ".config",
-    "CheckpointError": ".errors", "ConfigError": ".errors", "InputError": ".errors", "Mistral4Error": ".errors",
-    "generate": ".inference.generate",
-    "ImageConfig": ".text.images",
+    # ------------------------------------------------------------------ load, run, evaluate
     "from_pretrained": ".checkpoints.load",
+    "generate": ".inference.generate",
+    "score": ".inference.score", "perplexity": ".inference.score",
+    # ------------------------------------------------------------------ the model
     "Mistral3ForConditionalGeneration": ".model.mistral3",
-    "Capture": ".model.hooks", "ForwardOutput": ".model.hooks", "Intervention": ".model.hooks",
-    "ResidualPatch": ".model.hooks",
-    "perplexity": ".inference.score", "score": ".inference.score",
+    # ------------------------------------------------------------------ text and images in, text out
     "Tokenizer": ".text.tokenizer",
+    "apply_chat_template": ".text.chat", "parse_output": ".text.chat",
+    "ImageConfig": ".text.images",
+    # ------------------------------------------------------------------ configuration
+    "ModelConfig": ".config", "TextConfig": ".config", "VisionConfig": ".config", "RopeConfig": ".config",
+    "QuantConfig": ".config",
+    # ------------------------------------------------------------------ errors
+    "Mistral4Error": ".errors", "CheckpointError": ".errors", "ConfigError": ".errors", "InputError": ".errors",
+    # ------------------------------------------------------------------ research: captures and interventions
+    "Capture": ".model.hooks", "Intervention": ".model.hooks", "ResidualPatch": ".model.hooks",
+    "ForwardOutput": ".model.hooks",
 }
 
 __all__ = sorted(_EXPORTS)
