@@ -23,6 +23,7 @@ Design card:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -161,8 +162,6 @@ def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet
 
 
 def _write_config(src: Path, tmp: Path, layout: str, cfg, dtype: str) -> None:
-    import json
-
     hf = cfg.to_hf_dict()
     if dtype != "float8":
         hf.pop("quantization_config", None)
