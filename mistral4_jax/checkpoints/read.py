@@ -169,7 +169,7 @@ def read_slot(pieces: list[Piece], slot_shape: tuple[int, ...], dtype, *, keep_f
     x, scale = _disk_slot(pieces, slot_shape, experts)
     # Per output column: the scale is constant along the on-disk input axis (the last).
     column = keep_fp8 and keeps_fp8(pieces) and scale.shape[-1] == 1
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         if column:
             s = np.broadcast_to(scale.transpose(transform.perm), fp8.scale_shape(slot_shape))
             return to_layout(x, None, transform, E4M3), np.ascontiguousarray(s, np.float32)
