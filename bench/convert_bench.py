@@ -3,7 +3,7 @@ checkpoint in the released on-disk layout (FP8 E4M3 + per-tensor / per-expert sc
 
     PYTHONPATH=$PWD python bench/convert_bench.py [--layers 2 6] [--experts 32] [--dtype bfloat16]
 
-For each depth it writes a random-weight checkpoint (`mistral4_jax.synthetic`), reads its files raw once
+For each depth it writes a random-weight checkpoint (`mistral4_jax.demo.synthetic`), reads its files raw once
 (64 MiB chunks; this also warms the page cache, so both figures are warm-cache), then converts it in a child
 process and reports the child's peak RSS (`/usr/bin/time -v`), the wall time, GB/s of source bytes, and
 the ratio to the raw read. Peak RSS should not grow with the number of layers.

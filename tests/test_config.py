@@ -61,7 +61,7 @@ def test_softmax_scale_release_and_switch():
 def test_real_model_parameter_count():
     """Spec 1.5: the weights (no FP8 scales) of the released model sum to 119,401,298,944."""
     import jax.numpy as jnp
-    from mistral4_jax.checkpoints.load import abstract_model, param_shapes
+    from mistral4_jax.checkpoints.read import abstract_model, param_shapes
 
     shapes = param_shapes(abstract_model(ModelConfig.mistral_small_4(), jnp.bfloat16))
     assert sum(math.prod(s) for s in shapes.values()) == 119_401_298_944

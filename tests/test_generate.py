@@ -160,7 +160,7 @@ def test_compiled_decode_does_not_grow_with_depth():
 
     from mistral4_jax.model import cache as decode
     from mistral4_jax.config import ModelConfig
-    from mistral4_jax.checkpoints.load import abstract_model
+    from mistral4_jax.checkpoints.read import abstract_model
 
     sizes = []
     for depth in (4, 36):

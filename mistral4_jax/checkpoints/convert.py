@@ -9,7 +9,7 @@ HF or Mistral-native safetensors -> the sharded Orbax layout of
 Design card:
 - Input is untrusted. Only `.safetensors` are read (headers validated, tensors memory-mapped); pickle
   files are refused. Every tensor is matched to a parameter slot and every shape checked against the
-  config before the first byte of weights is read (`checkpoints.load.plan_checkpoint`), so a bad source fails
+  config before the first byte of weights is read (`checkpoints.plan.plan_checkpoint`), so a bad source fails
   fast with one message naming file and tensor.
 - Bounded memory: the output is written one group at a time (the unstacked parameters, then each
   decoder / vision layer), each group read slot by slot from the memory-mapped source, saved as its own
@@ -23,16 +23,21 @@ Design card:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from mistral4_jax.errors import CheckpointError, Mistral4Error
+from ..errors import CheckpointError, Mistral4Error
+from . import orbax as ck
+from .load import open_safetensors
+from .native import is_native_dir
+from .read import param_shapes
+from .safetensors_io import pickle_files, pickle_refusal
 
 DTYPES = ("bfloat16", "float32", "float8")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tokenizer, processor and generation files copied next to the weights when the source has them.
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
                "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
@@ -45,18 +50,14 @@ class ConvertError(Mistral4Error):
 
 def source_layout(src: Path) -> str:
     """'hf' or 'native'; raises naming what was found when it is neither."""
-    from mistral4_jax.checkpoints.native import is_native_dir
-
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory (expected an HF checkpoint directory with config.json and "
                            "*.safetensors, or a Mistral-native one with params.json and consolidated*.safetensors)")
     names = sorted(p.name for p in src.iterdir())
-    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    pickled = pickle_files(src)
     has_st = any(n.endswith(".safetensors") for n in names)
     if pickled and not has_st:
-        raise ConvertError(f"{src}: only pickle weight files ({', '.join(pickled)}); they are never loaded "
-                           "(unpickling runs arbitrary code). Provide the weights as .safetensors (for example "
-                           "with safetensors' `convert.py` or `save_pretrained(..., safe_serialization=True)`)")
+        raise ConvertError(pickle_refusal(src, pickled))
     if is_native_dir(src):
         return "native"
     if (src / "config.json").exists() and has_st:
@@ -99,9 +100,6 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
     dtype: "bfloat16" / "float32" dequantise FP8 weights; "float8" keeps E4M3 weights and their scales
     (other weights in bfloat16). Returns `dst`. Raises a `Mistral4Error` naming the file / tensor at fault;
     `dst` then does not exist (or is untouched, when it existed)."""
-    from mistral4_jax.checkpoints import orbax as ck
-    from mistral4_jax.checkpoints.load import open_safetensors, param_shapes
-
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     src, dst = Path(src), Path(dst)
@@ -153,8 +151,6 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
 def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet: bool) -> None:
     from tqdm import tqdm
 
-    from mistral4_jax.checkpoints import orbax as ck
-
     np_dtype = "float8" if dtype == "float8" else dtype
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, file=sys.stderr,
               desc="convert", dynamic_ncols=True) as bar:
@@ -166,8 +162,6 @@ def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet
 
 
 def _write_config(src: Path, tmp: Path, layout: str, cfg, dtype: str) -> None:
-    import json
-
     hf = cfg.to_hf_dict()
     if dtype != "float8":
         hf.pop("quantization_config", None)

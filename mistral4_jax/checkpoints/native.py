@@ -1,111 +1,20 @@
 """Mistral's native checkpoint layout: `params.json` + `consolidated*.safetensors` (spec 1.4, 2.3, 2.5).
 
-Two decisions live here: how `params.json` maps to a `ModelConfig` (as transformers'
-`convert_mistral4_weight_to_hf.py` does it), and the native -> HF rename table. Loading itself is the HF
-machinery of `loading.py`: every native name is renamed to its HF name for matching, while reads and error
-messages keep the native name. Native per-expert `w1`/`w3` are separate tensors with their own
-`qscale_weight`, so each half is dequantised with its own scale before the halves are fused (spec 2.5 item
-2; the HF converter's common-scale re-quantisation is lossy). Vision q/k rows are stored for interleaved
-RoPE and are permuted to the rotate-half order our Pixtral tower uses (spec 2.5 item 3).
+One decision lives here: how `params.json` maps to a `ModelConfig` (as transformers'
+`convert_mistral4_weight_to_hf.py` does it); and which directories are native. The tensor names are
+`names.NATIVE_ROWS` (renamed to HF names for matching; reads and error messages keep the native name),
+and loading is the HF machinery of `load.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-
-import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .safetensors_io import SafetensorsFile, check_shard_numbers, indexed_shards
-
-_LM, _HEAD = "language_model.model.", "language_model.lm_head."
-_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj",
-         "wkv_a_with_mqa": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
-_FFN = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-_VISION_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-
-
-def _alt(d: dict[str, str]) -> str:
-    return "|".join(sorted(map(re.escape, d), key=len, reverse=True))
-
-
-# (native name regex, HF name template; `{m}` is looked up in the rule's table). Spec 2.3.
-RENAMES: list[tuple[str, str, dict[str, str] | None]] = [
-    (r"tok_embeddings\.weight", _LM + "embed_tokens.weight", None),
-    (r"norm\.weight", _LM + "norm.weight", None),
-    (r"output\.weight", _HEAD + "weight", None),
-    (r"layers\.(?P<l>\d+)\.attention_norm\.weight", _LM + "layers.{l}.input_layernorm.weight", None),
-    (r"layers\.(?P<l>\d+)\.ffn_norm\.weight", _LM + "layers.{l}.post_attention_layernorm.weight", None),
-    (rf"layers\.(?P<l>\d+)\.attention\.(?P<m>{_alt(_ATTN)})\.weight", _LM + "layers.{l}.self_attn.{m}.weight", _ATTN),
-    (r"layers\.(?P<l>\d+)\.gate\.weight", _LM + "layers.{l}.mlp.gate.weight", None),
-    (r"layers\.(?P<l>\d+)\.shared_experts\.(?P<m>w[123])\.weight", _LM + "layers.{l}.mlp.shared_experts.{m}.weight", _FFN),
-    (r"layers\.(?P<l>\d+)\.experts\.(?P<e>\d+)\.(?P<m>w[123])\.weight", _LM + "layers.{l}.mlp.experts.{e}.{m}.weight", _FFN),
-    # Dense layers (first_k_dense_replace > 0; none in the released model): Mistral's dense FFN naming.
-    (r"layers\.(?P<l>\d+)\.feed_forward\.(?P<m>w[123])\.weight", _LM + "layers.{l}.mlp.{m}.weight", _FFN),
-    (r"vision_encoder\.(?P<m>patch_conv|ln_pre)\.weight", "vision_tower.{m}.weight", None),
-    (rf"vision_encoder\.transformer\.layers\.(?P<l>\d+)\.attention\.(?P<m>{_alt(_VISION_ATTN)})\.weight",
-     "vision_tower.transformer.layers.{l}.attention.{m}.weight", _VISION_ATTN),
-    (r"vision_encoder\.transformer\.layers\.(?P<l>\d+)\.(?P<m>attention_norm|ffn_norm)\.weight",
-     "vision_tower.transformer.layers.{l}.{m}.weight", None),
-    (r"vision_encoder\.transformer\.layers\.(?P<l>\d+)\.feed_forward\.(?P<m>w[123])\.weight",
-     "vision_tower.transformer.layers.{l}.feed_forward.{m}.weight", _FFN),
-    (r"pre_mm_projector_norm\.weight", "multi_modal_projector.norm.weight", None),
-    (r"patch_merger\.merging_layer\.weight", "multi_modal_projector.patch_merger.merging_layer.weight", None),
-    (r"vision_language_adapter\.w_in\.(?P<m>weight|bias)", "multi_modal_projector.linear_1.{m}", None),
-    (r"vision_language_adapter\.w_out\.(?P<m>weight|bias)", "multi_modal_projector.linear_2.{m}", None),
-]
-_COMPILED = [(re.compile(rx + "$"), tmpl, table) for rx, tmpl, table in RENAMES]
-_VISION_QK = re.compile(r"vision_encoder\.transformer\.layers\.\d+\.attention\.w[qk]\.weight$")
-
-
-def hf_name(name: str) -> str | None:
-    """The HF (released-layout) name of a native tensor name, or None if no rule matches."""
-    for rx, tmpl, table in _COMPILED:
-        m = rx.match(name)
-        if m:
-            g = m.groupdict()
-            if table is not None:
-                g["m"] = table[g["m"]]
-            return tmpl.format(**g)
-    return None
-
-
-# ---------------------------------------------------------------------- vision q/k rows
-def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q/k weight [H*d, in] from interleaved RoPE pairs to rotate-half order (spec 2.5 item 3).
-
-    Within each head, row 2p+i moves to i*d/2 + p: view [H, d/2, 2, in], swap the middle axes."""
-    out_dim, in_dim = w.shape
-    return np.asarray(w).reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
-
-
-def half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The inverse of `interleaved_to_half` (HF order -> native order)."""
-    out_dim, in_dim = w.shape
-    return np.asarray(w).reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
-
-
-class _PermutedQK:
-    """A `SafetensorsFile` whose vision q/k weights read back in rotate-half row order."""
-
-    def __init__(self, file: SafetensorsFile, n_heads: int):
-        self._file, self._n_heads = file, n_heads
-        self.path = file.path
-
-    def __getattr__(self, attr):
-        return getattr(self._file, attr)
-
-    def get(self, name: str) -> np.ndarray:
-        x = self._file.get(name)
-        return interleaved_to_half(x, self._n_heads) if _VISION_QK.match(name) else x
-
-    def read(self, name: str) -> np.ndarray:
-        x = self._file.read(name)
-        return interleaved_to_half(x, self._n_heads) if _VISION_QK.match(name) else x
+from .safetensors_io import check_shard_numbers, indexed_shards
 
 
 # ---------------------------------------------------------------------- params.json
@@ -212,17 +121,3 @@ def native_files(path: str | os.PathLike) -> list[Path]:
     if index.exists():
         return indexed_shards(index)
     return check_shard_numbers(sorted(d.glob("consolidated*.safetensors")))
-
-
-def open_native(path: str | os.PathLike):
-    """(config, {native name: file}, rename) of a native directory, for `loading.plan_checkpoint`."""
-    from .load import index_files
-
-    cfg = load_params_config(path)
-    index = index_files(native_files(path))
-    if cfg.vision is not None:
-        wrapped: dict[int, _PermutedQK] = {}
-        for name, f in index.items():
-            if _VISION_QK.match(name):
-                index[name] = wrapped.setdefault(id(f), _PermutedQK(f, cfg.vision.num_attention_heads))
-    return cfg, index, hf_name

@@ -27,6 +27,8 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 FP8 = ("F8_E4M3", "F8_E5M2")
+# Weight files in pickle formats: never opened, since unpickling runs arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class SafetensorsFile:
@@ -92,10 +94,16 @@ class SafetensorsFile:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._start)
         return self._mmap[begin:end].view(DTYPES[dt]).reshape(shape)
 
-    def read(self, name: str) -> np.ndarray:
-        """A private copy of the tensor read with plain file reads: unlike `get`, no pages stay mapped, so
-        streaming a large file this way does not grow the process's resident memory."""
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """A private copy of the tensor (or of the `rows` of its leading axis) read with plain file reads:
+        unlike `get`, no pages stay mapped, so streaming a large file this way does not grow the process's
+        resident memory."""
         dt, shape, begin, end = self._info[name]
+        if shape:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end, shape = begin + start * row_bytes, begin + max(stop, start) * row_bytes, (
+                max(stop - start, 0), *shape[1:])
         with open(self.path, "rb") as f:
             f.seek(self._start + begin)
             x = np.fromfile(f, dtype=np.uint8, count=end - begin)
@@ -138,3 +146,48 @@ def check_shard_numbers(files: list[Path]) -> list[Path]:
             raise CheckpointError(f"{Path(files[0]).parent}: shard file(s) missing (no index to say more): {names}"
                                   + (f" and {int(n) - len(have) - 8} more" if int(n) - len(have) > 8 else ""))
     return files
+
+
+def pickle_files(d: Path) -> list[str]:
+    """The names of the pickle-format weight files in directory `d`, sorted."""
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+
+
+def pickle_refusal(d: Path, pickled: list[str]) -> str:
+    """The message for a directory whose only weights are the pickle files `pickled`."""
+    return (f"{d}: only pickle weight files ({', '.join(pickled)}); they are never loaded (unpickling runs "
+            "arbitrary code). Provide the weights as .safetensors (for example with safetensors' `convert.py` or "
+            "`save_pretrained(..., safe_serialization=True)`)")
+
+
+def hf_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The .safetensors files of an HF checkpoint directory (index-listed shards or every file)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory (expected a checkpoint directory with config.json and "
+                              "*.safetensors files)")
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return indexed_shards(index)
+    files = sorted(d.glob("*.safetensors"))
+    hf_files = [f for f in files if not f.name.startswith("consolidated")]
+    if hf_files and (d / "params.json").exists():  # a full snapshot: the native copy sits beside the HF one
+        files = hf_files
+    if not files:
+        pickled = pickle_files(d)
+        if pickled:
+            raise CheckpointError(pickle_refusal(d, pickled))
+        raise CheckpointError(f"{d}: no *.safetensors weight files found")
+    return check_shard_numbers(files)
+
+
+def index_files(files) -> dict[str, SafetensorsFile]:
+    """{tensor name: its file} over `files`; a name in two files is an error."""
+    index: dict[str, SafetensorsFile] = {}
+    for f in files:
+        st = SafetensorsFile(f)
+        for name in st.keys():
+            if name in index:
+                raise CheckpointError(f"tensor {name!r} appears in both {index[name].path} and {st.path}")
+            index[name] = st
+    return index

@@ -1,6 +1,6 @@
 """`save_pretrained`: a parameter tree -> an HF-layout checkpoint directory that `from_pretrained` reads.
 
-Names come from the inverse of the loader's rename table (`loading.hf_tensor_name`), in the
+Names and layouts come from the inverse of the loader's table (`names.disk_name`), in the
 transformers 5 spelling (`model.language_model.*`, `lm_head.*`, ...), so the directory also loads in
 transformers. Tensors are written unquantised, in the parameters' dtype, in shards of at most
 `shard_bytes`; files are written under temporary names and renamed last, so a crash leaves no
@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from ..config import ModelConfig
-from .load import _is_stacked, hf_tensor_name, to_hf_layout
+from .names import disk_name, is_stacked
 
 
 def hf_tensors(params: nnx.State, cfg: ModelConfig):
@@ -28,10 +28,10 @@ def hf_tensors(params: nnx.State, cfg: ModelConfig):
         path = "/".join(map(str, p))
         x = v.get_value() if isinstance(v, nnx.Variable) else v
         x = np.asarray(jax.device_get(x))
-        layers = range(x.shape[0]) if _is_stacked(path) else [None]
+        layers = range(x.shape[0]) if is_stacked(path) else [None]
         for layer in layers:
-            name, kind = hf_tensor_name(path, layer, cfg)
-            yield name, np.ascontiguousarray(to_hf_layout(kind, x if layer is None else x[layer]))
+            name, transform = disk_name(path, layer, cfg)
+            yield name, np.ascontiguousarray(transform.to_disk(x if layer is None else x[layer]))
 
 
 def save_pretrained(params: nnx.State, cfg: ModelConfig, path: str | os.PathLike,

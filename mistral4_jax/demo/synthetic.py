@@ -13,67 +13,31 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..checkpoints import names, read
 from ..config import ModelConfig
+from ..model import fp8
 
 E4M3_MAX = 448.0
+_PARTS = ("language_model/", "lm_head/", "vision_tower/", "multi_modal_projector/")  # in file order
 
 
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """{name: (shape, stored_in_fp8)} of every weight of the released layout (no scales)."""
-    t, out = cfg.text, {}
-    lm = "language_model.model."
-    out[lm + "embed_tokens.weight"] = ((t.vocab_size, t.hidden_size), False)
-    out[lm + "norm.weight"] = ((t.hidden_size,), False)
-    for n in range(t.num_hidden_layers):
-        p = f"{lm}layers.{n}."
-        out[p + "input_layernorm.weight"] = ((t.hidden_size,), False)
-        out[p + "post_attention_layernorm.weight"] = ((t.hidden_size,), False)
-        a = p + "self_attn."
-        if t.q_lora_rank is None:
-            out[a + "q_proj.weight"] = ((t.num_attention_heads * t.qk_head_dim, t.hidden_size), True)
-        else:
-            out[a + "q_a_proj.weight"] = ((t.q_lora_rank, t.hidden_size), True)
-            out[a + "q_a_layernorm.weight"] = ((t.q_lora_rank,), False)
-            out[a + "q_b_proj.weight"] = ((t.num_attention_heads * t.qk_head_dim, t.q_lora_rank), True)
-        out[a + "kv_a_proj_with_mqa.weight"] = ((t.kv_lora_rank + t.qk_rope_head_dim, t.hidden_size), True)
-        out[a + "kv_a_layernorm.weight"] = ((t.kv_lora_rank,), False)
-        out[a + "kv_b_proj.weight"] = ((t.num_attention_heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank), True)
-        out[a + "o_proj.weight"] = ((t.hidden_size, t.num_attention_heads * t.v_head_dim), True)
-        if n < t.first_k_dense_replace:
-            for name, shape in (("gate_proj", (t.intermediate_size, t.hidden_size)),
-                                ("up_proj", (t.intermediate_size, t.hidden_size)),
-                                ("down_proj", (t.hidden_size, t.intermediate_size))):
-                out[f"{p}mlp.{name}.weight"] = (shape, True)
-            continue
-        e, i, h = t.n_routed_experts, t.moe_intermediate_size, t.hidden_size
-        out[p + "mlp.gate.weight"] = ((e, h), False)
-        out[p + "mlp.experts.gate_up_proj"] = ((e, 2 * i, h), True)
-        out[p + "mlp.experts.down_proj"] = ((e, h, i), True)
-        if t.n_shared_experts:
-            s = i * t.n_shared_experts
-            out[p + "mlp.shared_experts.gate_proj.weight"] = ((s, h), True)
-            out[p + "mlp.shared_experts.up_proj.weight"] = ((s, h), True)
-            out[p + "mlp.shared_experts.down_proj.weight"] = ((h, s), True)
-    out["language_model.lm_head.weight"] = ((t.vocab_size, t.hidden_size), False)
-    v = cfg.vision
-    if v is not None:
-        out["vision_tower.patch_conv.weight"] = ((v.hidden_size, v.num_channels, v.patch_size, v.patch_size), False)
-        out["vision_tower.ln_pre.weight"] = ((v.hidden_size,), False)
-        for n in range(v.num_hidden_layers):
-            p = f"vision_tower.transformer.layers.{n}."
-            for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                out[f"{p}attention.{m}.weight"] = ((v.hidden_size, v.hidden_size), False)
-            out[p + "attention_norm.weight"] = ((v.hidden_size,), False)
-            out[p + "ffn_norm.weight"] = ((v.hidden_size,), False)
-            out[p + "feed_forward.gate_proj.weight"] = ((v.intermediate_size, v.hidden_size), False)
-            out[p + "feed_forward.up_proj.weight"] = ((v.intermediate_size, v.hidden_size), False)
-            out[p + "feed_forward.down_proj.weight"] = ((v.hidden_size, v.intermediate_size), False)
-        m, d, th = cfg.spatial_merge_size, v.hidden_size, t.hidden_size
-        out["multi_modal_projector.norm.weight"] = ((d,), False)
-        out["multi_modal_projector.patch_merger.merging_layer.weight"] = ((d, d * m * m), False)
-        out["multi_modal_projector.linear_1.weight"] = ((th, d), False)
-        out["multi_modal_projector.linear_2.weight"] = ((th, th), False)
-    return out
+    """{name: (shape, stored_in_fp8)} of every weight of the released layout (no scales), in file order:
+    text weights layer by layer, the head, then the vision tower and projector.
+
+    Derived from the module tree and the inverse of the loading table (`checkpoints.names`), as
+    `save_pretrained` names its tensors; FP8 are the weights the released checkpoint stores in FP8."""
+    slots = []
+    model = read.abstract_model(cfg, np.float32)
+    stored_fp8 = fp8.fp8_paths(model)
+    for i, (path, shape) in enumerate(read.param_shapes(model).items()):
+        part = next(k for k, p in enumerate(_PARTS) if path.startswith(p))
+        for layer in (range(shape[0]) if names.is_stacked(path) else [None]):
+            name, transform = names.disk_name(path, layer, cfg, released=True)
+            absolute = -1 if layer is None else names.absolute_layer(path, layer, cfg)
+            disk = transform.disk_shape(shape if layer is None else shape[1:])
+            slots.append(((part, absolute, i), name, (disk, path in stored_fp8)))
+    return {name: spec for _, name, spec in sorted(slots, key=lambda s: s[0])}
 
 
 def _random(rng: np.random.Generator, name: str, shape, std: float) -> np.ndarray:
@@ -120,16 +84,11 @@ def write_checkpoint(path, cfg: ModelConfig, *, fp8: bool = True, seed: int = 0,
     for name, (shape, is_fp8) in shapes.items():
         w = _random(rng, name, shape, std)
         if fp8 and is_fp8:
-            fused = name.endswith("_proj") and ".experts." in name
+            fused = not name.endswith(".weight")  # fused experts: one scale per expert
             q, s = quantize_e4m3(w, per_leading_axis=fused)
             shards[-1][name] = q
-            if fused:
-                shards[-1][name + "_scale_inv"] = s.reshape(-1, 1, 1)
-                shards[-1][name + "_activation_scale"] = np.ones(shape[0], np.float32)
-            else:
-                stem = name[: -len(".weight")]
-                shards[-1][stem + ".weight_scale_inv"] = s.reshape(())
-                shards[-1][stem + ".activation_scale"] = np.ones((), np.float32)
+            shards[-1][names.scale_name(name)] = s.reshape(-1, 1, 1) if fused else s.reshape(())
+            shards[-1][names.activation_scale_name(name)] = np.ones(shape[0] if fused else (), np.float32)
             size += q.nbytes
         else:
             shards[-1][name] = w.astype(ml_dtypes.bfloat16)

@@ -1,0 +1,120 @@
+"""The plan: every on-disk tensor matched to the parameter slot it fills, checked before any weight is read.
+
+Names are matched through `names` (the one table); shapes, FP8 scales and completeness are checked here.
+Every problem is collected and reported in one error, so a bad checkpoint is fixed in one round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .names import SKIP, TIED, Transform, is_stacked, is_weight, scale_names, slot_of
+from .safetensors_io import FP8, SafetensorsFile
+
+_VISION_NORM = "vision_tower/transformer/layers/attention_norm/weight"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One on-disk tensor and the slot of a parameter it fills."""
+
+    file: SafetensorsFile
+    key: str
+    transform: Transform
+    layer: int | None = None  # index into the parameter's stacked axis
+    expert: int | None = None
+    scale: tuple[SafetensorsFile, str] | None = None  # (file, name) of an FP8 weight's scale
+
+
+def _scale_for(name: str, index: dict[str, SafetensorsFile]) -> tuple[SafetensorsFile, str] | None:
+    for cand in scale_names(name):
+        if cand in index:
+            return index[cand], cand
+    return None
+
+
+def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expected: dict[str, tuple],
+                    native: bool = False) -> dict[str, list[Piece]]:
+    """Match every tensor to a parameter slot. Returns {param path: [Piece]}; raises listing all problems.
+
+    native: the names are Mistral's native ones (`names.NATIVE_ROWS`); pieces and messages keep the
+    on-disk name."""
+    n_vision = expected[_VISION_NORM][0] if cfg.vision is not None and _VISION_NORM in expected else None
+    plan: dict[str, list[Piece]] = {}
+    unexpected = []
+    for name, f in index.items():
+        if not is_weight(name):
+            continue
+        slot = slot_of(name, cfg, n_vision, native)
+        if slot == SKIP:
+            continue
+        if slot is not None and slot.path in expected:
+            scale = _scale_for(name, index) if f.dtype_name(name) in FP8 else None
+            plan.setdefault(slot.path, []).append(Piece(f, name, slot.transform, slot.layer, slot.expert, scale))
+        elif 0 not in f.shape(name):  # an empty tensor with no slot is a zero-width module: nothing to load
+            unexpected.append(name)
+    if "lm_head/kernel" not in plan and cfg.tie_word_embeddings and "language_model/embed_tokens/embedding" in plan:
+        emb = plan["language_model/embed_tokens/embedding"][0]
+        plan["lm_head/kernel"] = [dataclasses.replace(emb, transform=TIED)]
+    problems = _check_plan(plan, expected)
+    for name in unexpected:
+        problems.append(f"unexpected tensor {name!r} in {index[name].path}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not match the config ({len(problems)} problems):\n  "
+                              + "\n  ".join(problems[:200]) + ("\n  ..." if len(problems) > 200 else ""))
+    return plan
+
+
+def _check_plan(plan: dict[str, list[Piece]], expected: dict[str, tuple]) -> list[str]:
+    problems = []
+    for path, shape in expected.items():
+        stacked = is_stacked(path)
+        pieces = plan.get(path, [])
+        slot_shape = shape[1:] if stacked else shape
+        n_layers = shape[0] if stacked else 1
+        for p in pieces:
+            src = p.file.shape(p.key)
+            want = p.transform.disk_shape(slot_shape)
+            if tuple(src) != want:
+                problems.append(f"tensor {p.key!r} in {p.file.path} has shape {list(src)}, expected {list(want)}")
+            if p.file.dtype_name(p.key) in FP8 and p.scale is None:
+                problems.append(f"FP8 tensor {p.key!r} in {p.file.path} has no weight_scale_inv")
+            if p.expert is not None and p.expert >= slot_shape[0]:
+                problems.append(f"tensor {p.key!r}: expert {p.expert} >= n_routed_experts ({slot_shape[0]})")
+        by_layer: dict[int | None, list[Piece]] = {}
+        for p in pieces:
+            by_layer.setdefault(p.layer if stacked else None, []).append(p)
+        for layer in (range(n_layers) if stacked else [None]):
+            got = by_layer.get(layer, [])
+            where = f"{path}" + (f" (layer {layer})" if stacked else "")
+            if path.endswith("/mlp/experts/gate_up_proj") or path.endswith("/mlp/experts/down_proj"):
+                problems += _check_experts(got, slot_shape[0], where, path.endswith("gate_up_proj"))
+            elif not got:
+                problems.append(f"missing tensor for {where}")
+            elif len(got) > 1:
+                problems.append(f"{where} is given more than once: {', '.join(p.key for p in got)}")
+    return problems
+
+
+def _check_experts(got: list[Piece], n_experts: int, where: str, gate_up: bool) -> list[str]:
+    """One fused tensor, or exactly one tensor per expert (and per half of gate_up_proj)."""
+    fused = [p for p in got if not p.transform.per_expert]
+    per = [p for p in got if p.transform.per_expert]
+    if fused and per:
+        return [f"{where}: both fused and per-expert tensors are present"]
+    if len(fused) > 1:
+        return [f"{where} is given more than once: {', '.join(p.key for p in fused)}"]
+    if fused:
+        return []
+    halves = ("gate_proj", "up_proj") if gate_up else ("down_proj",)
+    have = {(p.expert, p.transform.name) for p in per}
+    if len(have) != len(per):
+        return [f"{where}: a per-expert tensor is given more than once"]
+    missing = [f"{e}.{h}" for e in range(n_experts) for h in halves if (e, h) not in have]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        return [f"missing tensor for {where}: experts {shown}"]
+    return []

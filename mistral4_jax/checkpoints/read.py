@@ -1,0 +1,258 @@
+"""Reading parameters: one slot reader, one stacked-parameter assembler, the abstract model (spec 2.4).
+
+A slot is a whole unstacked parameter or one layer of a stacked one. `read_slot` is the one way a slot
+is read from safetensors: its tensor(s) in on-disk layout, dequantised with their FP8 scale if they have
+one (`_piece_scale` is the one place scales are read: per tensor, per expert, block-wise), then put in our
+layout by the slot's `names.Transform`, or kept as E4M3 with a per-output-column scale. `assemble` builds
+every stacked parameter layer by layer, in place on its sharding, whether the layers come from
+safetensors or from a converted Orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from .. import sharding as shard_lib
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import fp8
+from ..model.mistral3 import Mistral3ForConditionalGeneration
+from .names import EXPERTS, Transform, is_stacked
+from .plan import Piece
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+# ---------------------------------------------------------------------- the abstract model
+def abstract_model(cfg: ModelConfig, dtype) -> Mistral3ForConditionalGeneration:
+    """The module tree with ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Mistral3ForConditionalGeneration(cfg, dtype, rngs=nnx.Rngs(0)))
+
+
+def flat_params(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
+    """(path, variable) of every parameter, in the module tree's order."""
+    return [("/".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    return {path: tuple(v.shape) for path, v in flat_params(model)}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
+    """`cfg` with port switches of the text config replaced (e.g. `apply_yarn_mscale=True`)."""
+    if not overrides:
+        return cfg
+    try:
+        return cfg.replace_text(**overrides)
+    except TypeError as e:
+        raise ValueError(f"unknown config override: {e}") from None
+
+
+def filled(model: nnx.Module, values: dict) -> nnx.Module:
+    """`model` (abstract) with every parameter's value taken from `values` {path: array or Fp8Weight}."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for k, var in nnx.to_flat_state(state):
+        value = values["/".join(map(str, k))]
+        out.append((k, var.replace(value) if hasattr(var, "replace") else value))
+    return nnx.merge(graphdef, nnx.from_flat_state(out))
+
+
+# ---------------------------------------------------------------------- one slot
+def keeps_fp8(pieces: list[Piece]) -> bool:
+    """Whether a slot can stay E4M3: every piece is an E4M3 kernel with a scale."""
+    return all(p.scale is not None and p.transform.kernel and p.file.dtype_name(p.key) == "F8_E4M3" for p in pieces)
+
+
+def slot_transform(pieces: list[Piece]) -> Transform:
+    """The layout transform of a slot read as one tensor: per-expert tensors are read as fused experts."""
+    return EXPERTS if pieces[0].transform.per_expert else pieces[0].transform
+
+
+def _piece_scale(piece: Piece, rows: slice) -> np.ndarray:
+    """The float32 multiplier that dequantises `piece`, broadcastable to its on-disk tensor (fused experts:
+    to its `rows`); 1 when it has no scale. The one place FP8 scales are read: per tensor (one value), per
+    expert (one per row of fused experts), block-wise ([ceil(out/b), ceil(in/b)], expanded to [out, in])."""
+    shape = piece.file.shape(piece.key)
+    if piece.scale is None:
+        return np.ones((1,) * len(shape), np.float32)
+    s = np.asarray(piece.scale[0].get(piece.scale[1]), np.float32)
+    if s.size == 1:
+        return s.reshape((1,) * len(shape))
+    if piece.transform is EXPERTS and s.size == shape[0]:
+        return s.reshape(-1)[rows].reshape(-1, *([1] * (len(shape) - 1)))
+    if s.ndim == 2 and len(shape) == 2:
+        bo, bi = -(-shape[0] // s.shape[0]), -(-shape[1] // s.shape[1])
+        return np.repeat(np.repeat(s, bo, 0), bi, 1)[: shape[0], : shape[1]]
+    raise CheckpointError(f"{piece.file.path}: scale {piece.scale[1]!r} of shape {list(s.shape)} does not fit "
+                          f"tensor {piece.key!r} of shape {list(shape)}")
+
+
+def block_scaled(pieces: list[Piece]) -> bool:
+    """Whether a piece of the slot has block-wise scales (not one per tensor or per expert)."""
+    return any(p.scale is not None and _piece_scale(p, slice(None)).shape[-1] != 1 for p in pieces)
+
+
+def _per_expert(pieces: list[Piece], experts: range) -> list[list[Piece]]:
+    """Per-expert pieces by expert, each expert's halves in order (gate before up)."""
+    by = {(p.expert, p.transform.half): p for p in pieces}
+    halves = (0, 1) if pieces[0].transform.half is not None else (None,)
+    return [[by[(e, h)] for h in halves] for e in experts]
+
+
+def _stack_rows(blocks: list[list[np.ndarray]]) -> np.ndarray:
+    """[[a, b], ...] -> [concat(a, b) along rows, ...] stacked: per-expert tensors in the fused layout."""
+    return np.stack([b[0] if len(b) == 1 else np.concatenate(b, axis=0) for b in blocks])
+
+
+def _disk_slot(pieces: list[Piece], slot_shape: tuple[int, ...], experts: slice) -> tuple[np.ndarray, np.ndarray | None]:
+    """The slot's tensor(s) as one array in on-disk layout (per-expert ones stacked into the fused
+    [E, out, in]), restricted to `experts` for expert slots, and its scale (None: nothing is scaled)."""
+    first = pieces[0]
+    scaled = any(p.scale is not None for p in pieces)
+    if not first.transform.per_expert:
+        rows = experts if first.transform is EXPERTS else slice(None)
+        return first.file.read(first.key, rows), _piece_scale(first, rows) if scaled else None
+    blocks = _per_expert(pieces, range(*experts.indices(slot_shape[0])))
+    x = _stack_rows([[p.file.read(p.key) for p in b] for b in blocks])
+    if not scaled:
+        return x, None
+    scales = [[_piece_scale(p, slice(None)) for p in b] for b in blocks]
+    cols = 1 if all(s.shape[-1] == 1 for b in scales for s in b) else x.shape[-1]
+    return x, _stack_rows([[np.broadcast_to(s, (p.file.shape(p.key)[0], cols)) for p, s in zip(b, bs)]
+                           for b, bs in zip(blocks, scales)])
+
+
+@partial(jax.jit, static_argnames=("transform", "dtype"))
+def to_layout(x, scale, transform: Transform, dtype):
+    """(x * scale in float32, if scaled) in our layout, in `dtype`. XLA does the casts and transposes:
+    numpy's float8 casts and strided 1-byte transposes are an order of magnitude slower."""
+    if scale is not None:
+        x = x.astype(jnp.float32) * scale
+    return transform.to_ours(x).astype(dtype)
+
+
+def read_slot(pieces: list[Piece], slot_shape: tuple[int, ...], dtype, *, keep_fp8: bool = False,
+              experts: slice = slice(None)) -> tuple[jax.Array, np.ndarray | None]:
+    """One slot in our layout, as a host (CPU) array: (value, None), dequantised to `dtype`.
+
+    keep_fp8: an E4M3 kernel with per-tensor / per-expert scales comes back as it is stored, as
+    (E4M3 value, float32 scale `fp8.scale_shape(slot_shape)` per output column); any other slot is still
+    dequantised to `dtype`. experts: for expert slots, the range of experts to read (leading axis)."""
+    transform = slot_transform(pieces)
+    x, scale = _disk_slot(pieces, slot_shape, experts)
+    # Per output column: the scale is constant along the on-disk input axis (the last).
+    column = keep_fp8 and keeps_fp8(pieces) and scale.shape[-1] == 1
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        if column:
+            s = np.broadcast_to(scale.transpose(transform.perm), fp8.scale_shape(slot_shape))
+            return to_layout(x, None, transform, E4M3), np.ascontiguousarray(s, np.float32)
+        return to_layout(x, scale, transform, np.dtype(dtype)), None
+
+
+def slot_pieces(pieces: list[Piece], layer: int | None) -> list[Piece]:
+    return pieces if layer is None else [p for p in pieces if p.layer == layer]
+
+
+# ---------------------------------------------------------------------- whole parameters
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, value, layer):
+    return jax.lax.dynamic_update_index_in_dim(stack, value, layer, 0)
+
+
+def assemble(into: dict, path: str, layer: int | None, value: jax.Array, shape: tuple[int, ...], sharding) -> None:
+    """The one stacked-parameter assembler: into[path] = value for an unstacked parameter (layer None);
+    otherwise layer `layer` of the parameter of full `shape`, allocated as zeros on `sharding` at its first
+    layer and updated in place (donated), so host and device hold at most one extra layer."""
+    if layer is None:
+        into[path] = value
+        return
+    if path not in into:
+        into[path] = jax.jit(partial(jnp.zeros, shape, value.dtype), out_shardings=sharding)()
+    into[path] = _set_layer(into[path], value, layer)
+
+
+def _normalize(index, shape) -> tuple[slice, ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def _device_slice(pieces: list[Piece], slot_shape: tuple[int, ...], dtype, index) -> np.ndarray:
+    """The part `index` of a dequantised slot that one device holds; of an expert slot only the
+    experts of `index` are read."""
+    index = _normalize(index, slot_shape)
+    if slot_transform(pieces) is EXPERTS:
+        value, _ = read_slot(pieces, slot_shape, dtype, experts=index[0])
+        return np.ascontiguousarray(np.asarray(value)[(slice(None), *index[1:])])
+    value, _ = read_slot(pieces, slot_shape, dtype)
+    return np.ascontiguousarray(np.asarray(value)[index])
+
+
+def _layers(path: str, shape: tuple[int, ...]) -> list[int | None]:
+    return list(range(shape[0])) if is_stacked(path) else [None]
+
+
+def _placed(x: np.ndarray, sharding) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _read_param(into: dict, path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, sharding) -> None:
+    """Parameter `path` dequantised onto its sharding; each process reads only the slices its devices hold."""
+    np_dtype = np.dtype(dtype)
+    for layer in _layers(path, shape):
+        slot_shape = shape if layer is None else shape[1:]
+        slot_sharding = sharding if layer is None else shard_lib.drop_leading_axis(sharding)
+        ps = slot_pieces(pieces, layer)
+        value = jax.make_array_from_callback(slot_shape, slot_sharding,
+                                             lambda idx, ps=ps, ss=slot_shape: _device_slice(ps, ss, np_dtype, idx))
+        assemble(into, path, layer, value, shape, sharding)
+
+
+def _read_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, sharding) -> fp8.Fp8Weight:
+    """An FP8-target parameter as an `Fp8Weight` on its sharding: E4M3 sources with per-tensor / per-expert
+    scales keep their exact values and scales; anything else is read in float32 and quantised per output
+    column (`fp8.quantize`)."""
+    qsh, ssh = sharding, fp8.scale_sharding(sharding)
+    q_all: dict = {}
+    s_all: dict = {}
+    for layer in _layers(path, shape):
+        slot_shape = shape if layer is None else shape[1:]
+        q, s = read_slot(slot_pieces(pieces, layer), slot_shape, np.float32, keep_fp8=True)
+        if s is None:
+            w = fp8.quantize(jnp.asarray(q))
+            q, s = w.q, w.scale
+        at = (lambda sh: sh) if layer is None else shard_lib.drop_leading_axis
+        assemble(q_all, path, layer, _placed(q, at(qsh)), shape, qsh)
+        assemble(s_all, path, layer, _placed(s, at(ssh)), fp8.scale_shape(shape), ssh)
+    return fp8.Fp8Weight(q_all[path], s_all[path], jnp.dtype(dtype).name)
+
+
+def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, weights) -> nnx.Module:
+    """The abstract `model` with every parameter read from the `plan` onto its sharding (the logical axes the
+    parameter declares); with weights="fp8", the parameters tagged `fp8` as `Fp8Weight`s."""
+    shardings = shard_lib.param_shardings(model, mesh)
+    keep_fp8 = fp8.fp8_paths(model) if weights == "fp8" else set()
+    values: dict = {}
+    for path, var in flat_params(model):
+        shape = tuple(var.shape)
+        if path in keep_fp8:
+            values[path] = _read_fp8_param(path, plan[path], shape, dtype, shardings[path])
+        else:
+            _read_param(values, path, plan[path], shape, var.dtype, shardings[path])
+    return filled(model, values)
