@@ -36,12 +36,9 @@ from .load import open_safetensors
 from .native import is_native_dir
 from .read import param_shapes
 from .safetensors_io import pickle_files, pickle_refusal
+from ..text.tokenizer import ASSET_FILES
 
 DTYPES = ("bfloat16", "float32", "float8")
-# Tokenizer, processor and generation files copied next to the weights when the source has them.
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
-               "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
-               "generation_config.json", "SYSTEM_PROMPT.txt")
 
 
 class ConvertError(Mistral4Error):

@@ -10,22 +10,34 @@ with the converter to `root/orbax`. The examples and `mistral4-jax demo` start f
 from __future__ import annotations
 
 import codecs
-import shutil
+import importlib.util
 import time
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
+from PIL import Image, ImageDraw
 
+from ..checkpoints.convert import convert
+from ..checkpoints.load import from_pretrained
 from ..config import ModelConfig
+from ..inference.generate import generate
+from ..inference.score import score
+from ..sharding import make_mesh
+from ..text.images import ImageConfig
+from ..text.tokenizer import Tokenizer
+from ..train import TrainConfig, Trainer
+from ..train.data import tokenize_record
+from ..train.trainer import copy_tokenizer
+from . import synthetic
+from .synthetic_tokenizer import write_tekken
 
 QUESTIONS = ["What is the capital of France?", "Recite the Zen of Python."]
 
 
 def zen_of_python() -> str:
     """The Zen of Python, from the standard library's `this` module (stored rot13-encoded there)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("this")
     src = Path(spec.origin).read_text(encoding="utf-8")
     s = src.split('s = """', 1)[1].split('"""', 1)[0]
@@ -34,8 +46,6 @@ def zen_of_python() -> str:
 
 def demo_image(width: int = 84, height: int = 56):
     """A synthetic RGB picture (a red square and a blue disc on white) as a PIL image."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.rectangle([4, 4, width // 2 - 4, height - 4], fill=(220, 30, 30))
@@ -54,9 +64,8 @@ def training_chats() -> list[list[dict]]:
 
 
 def _training_examples(tok, reasoning: tuple[str, ...] = ("none", "high")):
-    """Chats rendered with the v15 template (settings block included); the assistant reply is the target."""
-    from ..train.data import Example
-
+    """The chats as fine-tuning records (`train.data.tokenize_record`: the v15 renderer, settings block
+    included); the assistant turn is the target, with a thinking part under reasoning "high"."""
     out = []
     for chat in training_chats():
         for effort in reasoning:
@@ -64,11 +73,7 @@ def _training_examples(tok, reasoning: tuple[str, ...] = ("none", "high")):
             msgs = chat[:-1] + [{"role": "assistant", "content": reply if effort == "none" else [
                 {"type": "thinking", "thinking": "The user asks: " + chat[0]["content"]},
                 {"type": "text", "text": reply}]}]
-            prompt = tok.apply_chat_template(chat[:-1], reasoning_effort=effort).input_ids
-            ids = tok.apply_chat_template(msgs, reasoning_effort=effort, add_generation_prompt=False).input_ids
-            assert ids[:len(prompt)] == prompt
-            targets = np.arange(len(ids)) >= len(prompt)
-            out.append(Example(np.asarray(ids, np.int32), targets))
+            out.append(tokenize_record({"messages": msgs, "reasoning_effort": effort}, tok))
     return out
 
 
@@ -79,12 +84,6 @@ def build_tiny(root: str | Path, train_steps: int = 0, log: Callable[[str], None
     train_steps > 0 fine-tunes the random model on `training_chats()` first (full fine-tuning, AdamW);
     the fine-tuned model is exported in the HF layout (float32) to `root/trained` and that is converted.
     """
-    from mistral4_jax.checkpoints.convert import convert
-
-    from . import synthetic
-    from .synthetic_tokenizer import write_tekken
-    from ..text.images import ImageConfig
-
     root = Path(root)
     cfg = cfg or ModelConfig.tiny()
     hf = root / "hf"
@@ -106,10 +105,6 @@ def build_tiny(root: str | Path, train_steps: int = 0, log: Callable[[str], None
 
 def train_tiny(src: Path, out: Path, steps: int, log: Callable[[str], None] = print, lr: float = 3e-3) -> list[dict]:
     """Fine-tune the model at `src` on `training_chats()` and export it (HF layout) to `out`."""
-    from ..checkpoints.load import from_pretrained
-    from ..text.tokenizer import Tokenizer
-    from ..train import TrainConfig, Trainer
-
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(src)
     examples = _training_examples(tok)
@@ -118,7 +113,7 @@ def train_tiny(src: Path, out: Path, steps: int, log: Callable[[str], None] = pr
     trainer = Trainer(model, examples, cfg, out / "run", save_every=10 ** 9)
     hist = trainer.run(progress=False)
     trainer.export(out)
-    shutil.copy(src / "tekken.json", out / "tekken.json")
+    copy_tokenizer(src, out)
     log(f"fine-tuned {steps} steps on {len(examples)} chats (the Zen of Python, a capital): loss "
         f"{hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f} ({time.perf_counter() - t0:.1f}s)")
     return hist
@@ -131,14 +126,6 @@ def _dim(text: str, color: bool) -> str:
 def run_demo(workdir: str | Path, train_steps: int = 0, color: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """The demo of `mistral4-jax demo`; returns what it measured."""
-    import jax
-
-    from ..inference.generate import generate
-    from ..checkpoints.load import from_pretrained
-    from ..inference.score import score
-    from ..sharding import make_mesh
-    from ..text.tokenizer import Tokenizer
-
     t_all = time.perf_counter()
     log("mistral4-jax demo: a tiny Mistral Small 4 built from RANDOM weights"
         + (f", then fine-tuned {train_steps} steps on a few sentences; it knows nothing else."

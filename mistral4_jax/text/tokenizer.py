@@ -27,6 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from . import chat
+from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
 from .images import ImageConfig
 
@@ -50,6 +51,11 @@ SPECIAL_ATTRS = {
 SPECIAL_FILLER = "<SPECIAL_{id}>"
 # The tokenizer files a model directory may hold, the authoritative one first.
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json")
+# Tokenizer, processor and generation files that travel with a model's weights (copied by the converter
+# and by fine-tuning's export, so that the written directory is a complete model).
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
+               "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+               "generation_config.json", "SYSTEM_PROMPT.txt")
 # The split regex of the released tekken.json (`config.pattern`).
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
                   r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
@@ -292,8 +298,6 @@ def _image_config_near(file: Path, tekken: dict | None) -> ImageConfig | None:
     """Image settings from `config.json` beside the tokenizer (the model's), else from tekken.json."""
     cfg_file = file.parent / "config.json"
     if cfg_file.is_file():
-        from ..config import ModelConfig
-
         cfg = ModelConfig.from_json_file(cfg_file)
         if cfg.vision is not None:
             return ImageConfig.from_model_config(cfg)

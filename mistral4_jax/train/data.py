@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..jsonl import read_jsonl
+from ..text.chat import training_prompt
 from ..text.images import batch_images
 
 PAD = 11  # the v15 <pad> id (spec 4); padded positions are masked out of the loss
@@ -81,8 +82,6 @@ def tokenize_record(record: dict, tokenizer: Encoder | None, where: str = "recor
 
 
 def _chat(record: dict, tokenizer, where: str) -> Example:
-    from ..text.chat import training_prompt
-
     if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
         raise InputError(f"{where}: a 'messages' record needs the model's tokenizer (none found with the model: "
                          "put its tekken.json beside the model), or give 'ids' instead")

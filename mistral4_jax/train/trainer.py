@@ -27,8 +27,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ..errors import InputError
+from ..checkpoints.load import from_pretrained, load_config
 from ..checkpoints.save import save_pretrained
 from ..sharding import as_auto_mesh
+from ..text.tokenizer import ASSET_FILES, Tokenizer
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
 from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model, state_shardings
@@ -167,15 +169,9 @@ class Trainer:
         return save_pretrained(params, self.model_config, path or self.out)
 
 
-# The tokenizer and chat files beside a model, copied into the exported model so that it is complete.
-TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
-                   "preprocessor_config.json", "generation_config.json", "SYSTEM_PROMPT.txt")
-
-
 def copy_tokenizer(model_dir: str | os.PathLike, out: str | os.PathLike) -> None:
     """Copy the tokenizer files of `model_dir` into `out`, each through a temporary name (never half-written)."""
-    for name in TOKENIZER_FILES:
+    for name in ASSET_FILES:
         src = Path(model_dir) / name
         if src.is_file():
             tmp = Path(out) / f".{name}.partial-{os.getpid()}"
@@ -185,8 +181,6 @@ def copy_tokenizer(model_dir: str | os.PathLike, out: str | os.PathLike) -> None
 
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
-    from ..text.tokenizer import Tokenizer
-
     return Tokenizer.find(model_dir, required=False)
 
 
@@ -198,8 +192,6 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
     Resumes from `out/checkpoints` when present. `until` stops early (after saving) at that step.
     Returns the metrics of the steps run now.
     """
-    from ..checkpoints.load import from_pretrained, load_config
-
     cfg_model = load_config(model_dir)
     examples = data_lib.load_examples(data_path, load_tokenizer(model_dir), cfg.max_len, cfg_model.text.vocab_size)
     model = from_pretrained(model_dir, dtype=cfg.param_dtype, mesh=mesh)
