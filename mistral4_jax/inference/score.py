@@ -111,10 +111,10 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             raise InputError(f"requests[{i}] must be a (context_ids, continuation_ids) pair")
         ctxs.append(validate_ids(r[0], t.vocab_size, f"requests[{i}].context"))
         conts.append(validate_ids(r[1], t.vocab_size, f"requests[{i}].continuation"))
-        n = len(ctxs[-1]) + len(conts[-1])
+        n = len(ctxs[-1]) + len(conts[-1]) - 1  # the model reads all but the last continuation token
         if n > t.max_position_embeddings:
-            raise InputError(f"requests[{i}]: context + continuation = {n} tokens exceeds the context limit "
-                             f"max_position_embeddings = {t.max_position_embeddings}")
+            raise InputError(f"requests[{i}]: context + continuation minus its last token = {n} tokens exceeds "
+                             f"the context limit max_position_embeddings = {t.max_position_embeddings}")
     if intervene is not None:
         if not isinstance(intervene, Intervention):
             raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
