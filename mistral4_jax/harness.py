@@ -7,9 +7,9 @@ Importing this module registers the model with lm-eval, so tasks run by name:
 
 or from the shell with `mistral4-jax lm-eval`. The three request types follow lm-eval's HuggingFace
 backend (`lm_eval/models/huggingface.py`) rule for rule, so both give the same numbers on the same
-checkpoint: text is encoded with `<s>` in front unless it already starts with it, and control-token
-strings inside it (a chat-templated prompt) are control tokens, as an HF tokenizer reads them; the
-context/continuation split, the trailing-whitespace move and the empty-context rule are lm-eval's own
+checkpoint: text is encoded with `<s>` in front (where the HF tokenizer beside the model puts it)
+unless it already starts with it, and control-token strings inside it (a chat-templated prompt) are
+control tokens, as an HF tokenizer reads them; the context/continuation split, the trailing-whitespace move and the empty-context rule are lm-eval's own
 (`TemplateLM`); log-likelihood inputs keep their last max_length + 1 tokens; rolling log-likelihoods
 use lm-eval's disjoint windows of max_length tokens; generation keeps the last max_length -
 max_gen_toks context tokens, stops at the eos token, decodes without special tokens and cuts at the
@@ -111,6 +111,20 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> li
                                                max_seq_len=max_length, context_len=1)]
 
 
+def bos_by_default(tok) -> bool:
+    """Whether request text gets `<s>` first when nothing says otherwise, as the HF backend decides
+    it: by the post-processor of the HF `tokenizer.json` (the tokenizer's own file or the one beside
+    it); with only a `tekken.json`, yes (the released prompts start with `<s>`)."""
+    import tokenizers
+
+    source = Path(tok.source)
+    hf_file = source if source.name == "tokenizer.json" else source.parent / "tokenizer.json"
+    if tok.source == "<memory>" or not hf_file.is_file():
+        return True
+    ids = tokenizers.Tokenizer.from_file(str(hf_file)).encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == tok.bos
+
+
 def sampling_args(kwargs: dict) -> dict:
     """generate()'s temperature / top_k / top_p of normalized lm-eval generation kwargs (greedy
     unless do_sample; sampling defaults are HF's)."""
@@ -134,8 +148,8 @@ class Mistral4LM(TemplateLM):
       requests per compiled call (an int, or "auto" = max_batch_size, default 64). max_length: the
       longest sequence a request may use (default and at most the model's max_position_embeddings).
       mesh: a `Mesh` or DATA,EXPERT,TENSOR ("1,8,1" / "1x8x1"); device: "cpu", "cuda[:N]", "tpu[:N]"
-      for a single device. add_bos_token: put `<s>` before encoded text (the released tokenizer
-      does). reasoning_effort: "none" or "high" for `apply_chat_template`; with "high", generations
+      for a single device. add_bos_token: put `<s>` before encoded text (default: as the HF
+      tokenizer beside the model does; see `bos_by_default`). reasoning_effort: "none" or "high" for `apply_chat_template`; with "high", generations
       are cut after the last `[/THINK]` before stop strings apply. max_gen_toks: the generation
       length of requests that set none. seed: the sampling seed of requests with do_sample.
       from_pretrained_switches: `weights="fp8"` and the text config switches of `from_pretrained`.
@@ -143,7 +157,7 @@ class Mistral4LM(TemplateLM):
 
     def __init__(self, pretrained, dtype: str = "bfloat16", batch_size: int | str = 8, max_length: int | None = None,
                  mesh=None, device: str | None = None, max_batch_size: int | None = None, tokenizer=None,
-                 add_bos_token: bool = True, reasoning_effort: str = "none",
+                 add_bos_token: bool | None = None, reasoning_effort: str = "none",
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int = 0, **from_pretrained_switches: Any):
         import jax
 
@@ -176,7 +190,7 @@ class Mistral4LM(TemplateLM):
         if not 1 <= self._max_length <= limit:
             raise InputError(f"Mistral4LM: max_length must be in [1, max_position_embeddings = {limit}], "
                              f"got {max_length!r}")
-        self.add_bos_token = bool(add_bos_token)
+        self.add_bos_token = bos_by_default(self.tokenizer) if add_bos_token is None else bool(add_bos_token)
         self.reasoning_effort = reasoning_effort
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)

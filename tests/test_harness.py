@@ -168,6 +168,23 @@ def test_loglikelihood_edge_cases_match_per_request(lms):
         assert _close(g[0], w[0]) and g[1] == w[1], (g, w)
 
 
+def test_bos_follows_the_hf_tokenizer_beside_the_model(checkpoint, tmp_path):
+    """transformers' own tekken conversion writes a tokenizer.json that puts no <s> first: with it
+    beside the model, neither backend adds one."""
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    ref, _, path, model = checkpoint
+    converted = convert_tekken_tokenizer(str(path / "tekken.json"))
+    converted.save_pretrained(tmp_path)
+    ours = Mistral4LM(pretrained=model, tokenizer=tmp_path, batch_size=2)
+    hf = HFLM(pretrained=ref, tokenizer=converted, batch_size=2)
+    assert ours.add_bos_token is False and Mistral4LM(pretrained=model, tokenizer=path).add_bos_token is True
+    reqs = _instances("loglikelihood", [("", "Hello, world!"), ("The capital of France is ", "Paris.")])
+    for g, w in zip(ours.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True), strict=True):
+        assert _close(g[0], w[0]) and g[1] == w[1], (g, w)
+    assert ours.tok_encode("Hello") == hf.tok_encode("Hello")
+
+
 def test_short_max_length_truncates_as_the_hf_backend(checkpoint):
     """max_length 40: log-likelihood inputs keep their last 41 tokens, documents roll in 40-token
     windows, prompts keep their last 40 - max_gen_toks tokens."""
