@@ -9,11 +9,12 @@ or from the shell with `mistral4-jax lm-eval`. The three request types follow lm
 backend (`lm_eval/models/huggingface.py`) rule for rule, so both give the same numbers on the same
 checkpoint: text is encoded with `<s>` in front (where the HF tokenizer beside the model puts it)
 unless it already starts with it, and control-token strings inside it (a chat-templated prompt) are
-control tokens, as an HF tokenizer reads them; the context/continuation split, the trailing-whitespace move and the empty-context rule are lm-eval's own
-(`TemplateLM`); log-likelihood inputs keep their last max_length + 1 tokens; rolling log-likelihoods
-use lm-eval's disjoint windows of max_length tokens; generation keeps the last max_length -
-max_gen_toks context tokens, stops at the eos token, decodes without special tokens and cuts at the
-first `until` string. Log-likelihoods are batched through `score`, generations through `generate`.
+control tokens, as an HF tokenizer reads them; the context/continuation split, the trailing-whitespace
+move and the empty-context rule are lm-eval's own (`TemplateLM`); log-likelihood inputs keep their last
+max_length + 1 tokens; rolling log-likelihoods use lm-eval's disjoint windows of max_length tokens;
+generation keeps the last max_length - max_gen_toks context tokens, stops at the eos token, decodes
+without special tokens and cuts at the first `until` string. Log-likelihoods are batched through
+`score`, generations through `generate`.
 """
 
 from __future__ import annotations
@@ -149,8 +150,9 @@ class Mistral4LM(TemplateLM):
       longest sequence a request may use (default and at most the model's max_position_embeddings).
       mesh: a `Mesh` or DATA,EXPERT,TENSOR ("1,8,1" / "1x8x1"); device: "cpu", "cuda[:N]", "tpu[:N]"
       for a single device. add_bos_token: put `<s>` before encoded text (default: as the HF
-      tokenizer beside the model does; see `bos_by_default`). reasoning_effort: "none" or "high" for `apply_chat_template`; with "high", generations
-      are cut after the last `[/THINK]` before stop strings apply. max_gen_toks: the generation
+      tokenizer beside the model does; see `bos_by_default`). reasoning_effort: "none" or "high" for
+      `apply_chat_template`; with "high", generations are cut after the last `[/THINK]` before stop
+      strings apply. max_gen_toks: the generation
       length of requests that set none. seed: the sampling seed of requests with do_sample.
       from_pretrained_switches: `weights="fp8"` and the text config switches of `from_pretrained`.
     """
@@ -233,9 +235,10 @@ class Mistral4LM(TemplateLM):
                    **kwargs) -> list[int]:
         """Ids of `string`, with `<s>` first unless the string already starts with it (HF backend rule;
         decided per string, where the HF backend's generate_until decides it for a batch by its first)."""
+        bos = self.tokenizer.bos
         if add_special_tokens is None:
-            add_special_tokens = self.add_bos_token and not string.startswith(self.tokenizer.id_to_token(self.tokenizer.bos))
-        ids = [self.tokenizer.bos] * add_special_tokens + self._text_backend.encode(string, add_special_tokens=False).ids
+            add_special_tokens = self.add_bos_token and not string.startswith(self.tokenizer.id_to_token(bos))
+        ids = [bos] * add_special_tokens + self._text_backend.encode(string, add_special_tokens=False).ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:

@@ -128,11 +128,10 @@ def test_registry_name_runs_the_tasks_as_the_hf_backend(checkpoint, hf_results, 
     assert len(Tokenizer.from_pretrained(checkpoint[2]).encode(
         got["samples"]["m4_rolling"][-1]["arguments"][0][0])) > 256
     hf = HFLM(pretrained=checkpoint[0], tokenizer=checkpoint[1], batch_size=4)
-    raw = hf.generate_until([Instance("generate_until", {}, (s["arguments"][0][0], {"until": [], "max_gen_toks": 16}), 0)
-                             for s in sorted(hf_results["samples"]["m4_gen"], key=lambda s: s["doc_id"])],
-                            disable_tqdm=True)
-    cut = [s["resps"][0][0] != r for s, r in zip(sorted(hf_results["samples"]["m4_gen"], key=lambda s: s["doc_id"]),
-                                                 raw)]
+    gen = sorted(hf_results["samples"]["m4_gen"], key=lambda s: s["doc_id"])
+    raw = hf.generate_until(_instances("generate_until", [(s["arguments"][0][0], {"until": [], "max_gen_toks": 16})
+                                                          for s in gen]), disable_tqdm=True)
+    cut = [s["resps"][0][0] != r for s, r in zip(gen, raw, strict=True)]
     assert any(cut) and not all(cut)
 
 
@@ -160,8 +159,9 @@ def test_loglikelihood_edge_cases_match_per_request(lms):
     ours, hf = lms
     long = "The quick brown fox jumps over the lazy dog. " * 30
     reqs = _instances("loglikelihood", [("", "Hello, world!"), ("The capital of France is   ", "Paris."),
-                                        ("<s>Hello", ", world! How are you?"), ("[INST]What is the capital?[/INST]", " Paris"),
-                                        (long, " The end."), ("A", "B")])
+                                        ("<s>Hello", ", world! How are you?"),
+                                        ("[INST]What is the capital?[/INST]", " Paris"), (long, " The end."),
+                                        ("A", "B")])
     got, want = ours.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True)
     assert len(ours.tok_encode(long)) > ours.max_length
     for g, w in zip(got, want, strict=True):
@@ -180,7 +180,8 @@ def test_bos_follows_the_hf_tokenizer_beside_the_model(checkpoint, tmp_path):
     hf = HFLM(pretrained=ref, tokenizer=converted, batch_size=2)
     assert ours.add_bos_token is False and Mistral4LM(pretrained=model, tokenizer=path).add_bos_token is True
     reqs = _instances("loglikelihood", [("", "Hello, world!"), ("The capital of France is ", "Paris.")])
-    for g, w in zip(ours.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True), strict=True):
+    got, want = ours.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True)
+    for g, w in zip(got, want, strict=True):
         assert _close(g[0], w[0]) and g[1] == w[1], (g, w)
     assert ours.tok_encode("Hello") == hf.tok_encode("Hello")
 
@@ -216,6 +217,16 @@ def test_chat_template_text_encodes_to_the_v15_prompt(lms):
     assert ours.chat_template(True).endswith("(reasoning_effort=none)")
 
 
+def test_tasks_with_the_chat_template_read_v15_prompts(lms, in_tasks_dir):
+    ours, _ = lms
+    res = lm_eval.simple_evaluate(model=ours, tasks=["m4_mc"], limit=1, apply_chat_template=True, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR)), bootstrap_iters=0)
+    context, choice = res["samples"]["m4_mc"][0]["arguments"][0]
+    user = "Question: What is the capital of France?\nAnswer: "
+    want = ours.tokenizer.apply_chat_template([{"role": "user", "content": user}]).input_ids
+    assert ours.tok_encode(context) == want and choice == "Paris."
+
+
 def test_reasoning_generations_keep_the_answer_after_think_end(lms):
     ours, _ = lms
     t = ours.tokenizer
@@ -240,7 +251,8 @@ def test_bad_arguments_are_refused(checkpoint, kwargs, message):
 def test_bad_requests_are_refused(lms):
     ours, _ = lms
     with pytest.raises(InputError, match="unsupported generation kwargs \\['num_beams'\\]"):
-        ours.generate_until(_instances("generate_until", [("Hi", {"num_beams": 2, "max_gen_toks": 8})]), disable_tqdm=True)
+        ours.generate_until(_instances("generate_until", [("Hi", {"num_beams": 2, "max_gen_toks": 8})]),
+                            disable_tqdm=True)
     with pytest.raises(InputError, match="max_gen_toks = 256 leaves no room"):
         ours.generate_until(_instances("generate_until", [("Hi", {"max_gen_toks": 256})]), disable_tqdm=True)
     with pytest.raises(InputError, match="Mistral4LM: mesh must be DATA,EXPERT,TENSOR"):
