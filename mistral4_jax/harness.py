@@ -226,6 +226,15 @@ class Mistral4LM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.tokenizer.source.replace("/", "__")
 
+    def get_model_info(self) -> dict:
+        """What the results' config records about the model."""
+        import jax
+        from flax import nnx
+
+        params = jax.tree.leaves(nnx.state(self.model, nnx.Param))
+        return {"model_num_parameters": int(sum(p.size for p in params)), "model_dtype": str(self.model.dtype),
+                "pretrained": self.pretrained}
+
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """What the results record as the chat template: this port's v15 renderer and its effort."""
         return f"mistral4_jax v15 (reasoning_effort={self.reasoning_effort})" if chat_template else None

@@ -142,7 +142,9 @@ def test_cli_writes_the_results_json(checkpoint, hf_results, tmp_path, in_tasks_
     assert main(["lm-eval", "--model", str(checkpoint[2]), "--tasks", ",".join(TASKS), "--include-path",
                  str(TASKS_DIR), "--dtype", "float32", "--batch-size", "4", "--output-path", str(out),
                  "--log-samples"]) == 0
-    assert_same_samples(json.loads(out.read_text()), hf_results)
+    got = json.loads(out.read_text())
+    assert_same_samples(got, hf_results)
+    assert got["config"]["model_num_parameters"] == sum(p.numel() for p in checkpoint[0].parameters())
 
 
 def _instances(kind, args):
