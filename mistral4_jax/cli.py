@@ -281,11 +281,13 @@ def add_lm_eval(sub) -> None:
 def run_lm_eval(args) -> int:
     import json
 
+    try:
+        from .harness import Mistral4LM
+    except ImportError as e:  # lm-eval is an optional extra
+        raise SystemExit(f"mistral4-jax lm-eval: {e}") from None
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
-
-    from .harness import Mistral4LM
 
     lm = Mistral4LM(pretrained=args.model, dtype=args.dtype, batch_size=args.batch_size, mesh=args.mesh,
                     weights=args.weights, reasoning_effort=args.reasoning_effort, seed=args.seed)
