@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from a hub: the tasks and the model are local
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import huggingface_hub.constants  # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import, perhaps before the line above ran
+
 import lm_eval  # noqa: E402
 import tokenizers  # noqa: E402
 import transformers  # noqa: E402
