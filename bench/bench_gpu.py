@@ -90,10 +90,10 @@ def random_model(cfg: ModelConfig, dtype, weights=None, seed: int = 0) -> nnx.Mo
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral3ForConditionalGeneration(cfg, dtype, rngs=nnx.Rngs(0))))
     root = jax.random.key(seed)
     out = []
+    keep_fp8 = fp8.fp8_paths(state) if weights == "fp8" else set()
     for i, (p, var) in enumerate(nnx.to_flat_state(state)):
         path, shape = "/".join(map(str, p)), tuple(var.shape)
-        kind = "ones" if path.endswith("norm/weight") else ("fp8" if weights == "fp8" and fp8.is_fp8_target(path)
-                                                             else "normal")
+        kind = "ones" if path.endswith("norm/weight") else ("fp8" if path in keep_fp8 else "normal")
         key = jax.random.fold_in(root, i)
         if "/layers/" not in path or np.prod(shape) * 4 <= (1 << 30):  # small: one generator call
             value = _random(key, shape, dtype.name, kind)

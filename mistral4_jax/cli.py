@@ -63,14 +63,9 @@ def _parse_ids(text: str, what: str) -> list[int]:
 
 def _tokenizer_for(model_dir: str):
     """The tokenizer beside the model (tekken.json or tokenizer.json), or a clear exit."""
-    from .errors import CheckpointError
     from .text.tokenizer import Tokenizer
 
-    d = Path(model_dir)
-    if d.is_dir() and not any((d / f).is_file() for f in ("tekken.json", "tokenizer.json")):
-        raise CheckpointError(f"{d}: no tokenizer beside the model (expected tekken.json or tokenizer.json in "
-                              "this directory; copy the one from the HF repository, or give token ids with --ids)")
-    return Tokenizer.from_pretrained(d)
+    return Tokenizer.find(model_dir)
 
 
 def add_generate(sub) -> None:

@@ -1,38 +1,27 @@
 """Where parameters, activations and caches live on a device mesh.
 
-One rules table, `PARAM_AXES`, names the logical axes of each parameter (by its path in the module
-tree); one mapping, `LOGICAL_TO_MESH`, sends logical axes to the mesh axes `data`, `expert` and
-`tensor`. Routed experts split over `expert` (expert parallelism); attention heads, the shared
-expert's (and dense layers') FFN width and the vocabulary over `tensor`; the batch of activations
-and caches over `data`. An axis whose size does not divide evenly by its mesh axis stays replicated,
-so the same code runs on one device, on a mesh, and on several hosts (`jax.distributed`).
+Each parameter names its logical axes where it is created (`model/layers.py`, NNX variable metadata);
+one mapping, `LOGICAL_TO_MESH`, sends logical axes to the mesh axes `data`, `expert` and `tensor`.
+Routed experts split over `expert` (expert parallelism); attention heads, the shared expert's (and
+dense layers') FFN width and the vocabulary over `tensor`; the batch of activations and caches over
+`data`. The indirection exists so that a sharding strategy is tried by changing one mapping. The same
+code runs on one device, on a mesh, and on several hosts (`jax.distributed`).
+
+A parameter axis that does not divide by its mesh axis is an error naming the parameter
+(`param_shardings`); it used to stay silently replicated. Activations and caches (`logical_sharding`,
+`constrain`, `to_global`) still fall back to replication, as their batch sizes vary call by call.
 """
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .errors import InputError
 
 MESH_AXES = ("data", "expert", "tensor")
-
-_STACK = r"language_model/(dense_)?layers/"
-# (path regex, logical axes of the parameter; a stacked parameter's leading axis is "layers").
-# Linear kernels are [in, out]: heads sit on the output side of q/kv_b and the input side of o_proj.
-PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (_STACK + r"mlp/experts/(gate_up_proj|down_proj)$", ("layers", "expert", None, None)),
-    (_STACK + r"self_attn/(q_proj|q_b_proj|kv_b_proj)/kernel$", ("layers", None, "heads")),
-    (_STACK + r"self_attn/(q_proj|q_b_proj|kv_b_proj)/bias$", ("layers", "heads")),
-    (_STACK + r"self_attn/o_proj/kernel$", ("layers", "heads", None)),
-    (_STACK + r"mlp/(shared_experts/)?(gate_proj|up_proj)/kernel$", ("layers", None, "mlp")),
-    (_STACK + r"mlp/(shared_experts/)?down_proj/kernel$", ("layers", "mlp", None)),
-    (r"language_model/embed_tokens/embedding$", ("vocab", None)),
-    (r"^lm_head/kernel$", (None, "vocab")),
-]
 
 # Logical axes of activations and caches (used with `constrain` / `logical_sharding`).
 ACT_BTD = ("batch", None, None)  # hidden states [B, T, D]
@@ -65,27 +54,69 @@ def make_mesh(expert: int | None = None, *, data: int = 1, tensor: int = 1, devi
 
 
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for logical axes; an axis that does not divide by its mesh axis stays replicated."""
+    """PartitionSpec of an activation; an axis that does not divide by its mesh axis stays replicated."""
     spec = []
     for size, name in zip(shape, logical):
-        axis = LOGICAL_TO_MESH.get(name) if name else None
-        ok = axis in mesh.shape and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0
-        spec.append(axis if ok else None)
+        axis = _mesh_axis(name, mesh)
+        spec.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
     return PartitionSpec(*spec)
 
 
-def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec of a parameter from the rules table (replicated when no rule matches)."""
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path) and len(axes) == len(shape):
-            return spec_for(axes, shape, mesh)
-    return PartitionSpec()
+def _mesh_axis(name: str | None, mesh: Mesh) -> str | None:
+    """The mesh axis a logical axis splits over, or None (unmapped, absent from the mesh, or of size 1)."""
+    axis = LOGICAL_TO_MESH.get(name) if name else None
+    return axis if axis in mesh.shape and mesh.shape[axis] > 1 else None
 
 
-def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh | None) -> jax.sharding.Sharding:
+def _params(tree) -> dict[str, nnx.Param]:
+    """{path: variable} of every `nnx.Param` of a module or state."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+    return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)}
+
+
+def param_axes(tree) -> dict[str, tuple[str | None, ...]]:
+    """{path: logical axes} of every `nnx.Param` of a module or state, e.g.
+    'language_model/layers/self_attn/o_proj/kernel': ('layers', 'heads', None).
+
+    A parameter without axes, or with a different number of axes than dimensions, is an error."""
+    out, bad = {}, []
+    for path, v in _params(tree).items():
+        axes, shape = v.get_metadata().get("out_sharding"), tuple(v.shape)
+        if axes is None or len(axes) != len(shape):
+            bad.append(f"{path} {shape}: logical axes {axes}")
+        out[path] = tuple(axes or ())
+    if bad:
+        raise ValueError("parameters must declare one logical axis per dimension where they are created "
+                         "(model/layers.py):\n  " + "\n  ".join(bad))
+    return out
+
+
+def param_spec(path: str, axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of parameter `path` of `shape` with logical `axes`.
+
+    Raises InputError when an axis does not divide by its mesh axis, or when two axes map to one mesh axis."""
+    spec = [_mesh_axis(name, mesh) for name in axes]
+    for i, (size, name, axis) in enumerate(zip(shape, axes, spec)):
+        if axis is not None and size % mesh.shape[axis]:
+            raise InputError(f"parameter {path} of shape {shape}: axis {i} ({name!r}, size {size}) does not divide "
+                             f"over mesh axis {axis!r} of size {mesh.shape[axis]}; choose a mesh whose {axis!r} "
+                             f"size divides {size}")
+    used = [a for a in spec if a is not None]
+    if len(used) != len(set(used)):
+        raise InputError(f"parameter {path}: logical axes {axes} put one mesh axis on two dimensions ({spec})")
+    return PartitionSpec(*spec)
+
+
+def param_shardings(tree, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
+    """{path: sharding} of every parameter of a module or state (an abstract model will do), from the
+    logical axes it declares; without a mesh, every parameter on the default device.
+
+    Behaviour: a parameter axis that does not divide by its mesh axis raises InputError naming the
+    parameter, its shape and the mesh axis (it used to be replicated silently)."""
+    axes, params = param_axes(tree), _params(tree)
     if mesh is None:
-        return SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(mesh, param_spec(path, shape, mesh))
+        return {p: SingleDeviceSharding(jax.devices()[0]) for p in axes}
+    return {p: NamedSharding(mesh, param_spec(p, a, tuple(params[p].shape), mesh)) for p, a in axes.items()}
 
 
 def logical_sharding(mesh: Mesh, logical: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
@@ -101,8 +132,6 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical: tuple[str | None, ...]) 
 
 def model_mesh(model) -> Mesh | None:
     """The mesh a loaded model's parameters live on (None when they sit on one device)."""
-    from flax import nnx
-
     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         leaves = jax.tree.leaves(v.get_value())  # not v[...]: that would dequantise an FP8 weight
         s = getattr(leaves[0], "sharding", None) if leaves else None

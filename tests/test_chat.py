@@ -82,12 +82,42 @@ def test_multi_turn_tool_call_and_result(tok):
 
 def test_tool_call_arguments_json(tok):
     msgs = [{"role": "user", "content": "Weather?"},
-            {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Zürich", "n": 2}}]},
-            {"role": "tool", "content": "sunny"}]
+            {"role": "assistant", "tool_calls": [
+                {"id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "n": 2}}},
+                {"id": "c2", "function": {"name": "now", "arguments": ""}}]},  # empty arguments are {}
+            {"role": "tool", "tool_call_id": "c2", "content": "noon"},  # results given out of call order
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     out = tok.apply_chat_template(msgs).input_ids
     tail = [INST, *tok.encode("Weather?"), INST_END, CALLS, *tok.encode("get_weather"), ARGS,
-            *tok.encode('{"city": "Zürich", "n": 2}'), EOS, RES, *tok.encode("sunny"), RES_END]
+            *tok.encode('{"city": "Zürich", "n": 2}'), CALLS, *tok.encode("now"), ARGS, *tok.encode("{}"), EOS,
+            RES, *tok.encode("sunny"), RES_END, RES, *tok.encode("noon"), RES_END]  # in call order
     assert out[-len(tail):] == tail
+
+
+def test_runs_of_turns_and_parts_merge_as_mistral_common_does(tok):
+    e = tok.encode
+    img = Image.new("RGB", (4, 4), "red")
+    msgs = [{"role": "user", "content": "Hello"},
+            {"role": "user", "content": [{"type": "text", "text": "wor"}, {"type": "text", "text": "ld"}]},
+            {"role": "assistant", "content": "Hi "},
+            {"role": "assistant", "content": [{"type": "text", "text": "there  "}]},
+            {"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "text", "text": " here"},
+                                         {"type": "image", "image": img}]}]
+    # user turns joined by "\n\n", parts by "": one text, encoded once; the assistant run likewise, then
+    # right-stripped of spaces; texts followed by one image put the image first
+    want = [BOS, *settings(tok, "none"), INST, *e("Hello\n\nworld"), INST_END, *e("Hi \n\nthere"), EOS,
+            INST, IMG, IMG_END, *e("Look here"), INST_END]
+    assert tok.apply_chat_template(msgs).input_ids == want
+
+
+def test_system_prompt_alone_and_anywhere(tok):
+    e = tok.encode
+    assert tok.apply_chat_template([{"role": "system", "content": "S"}]).input_ids == [BOS, SYS, *e("S"), SYS_END]
+    msgs = [{"role": "user", "content": "U"}, {"role": "system", "content": "S"}, {"role": "system", "content": "T"},
+            {"role": "user", "content": "V"}]
+    want = [BOS, *settings(tok, "none"), INST, *e("U"), INST_END, SYS, *e("S"), SYS_END, SYS, *e("T"), SYS_END,
+            INST, *e("V"), INST_END]
+    assert tok.apply_chat_template(msgs).input_ids == want
 
 
 def test_think_parts_and_open_final_turn(tok):
@@ -135,13 +165,26 @@ def test_tiny_model_image_config(tok):
 
 @pytest.mark.parametrize("msgs,effort,match", [
     ([{"role": "bot", "content": "hi"}], "none", "unknown role 'bot'"),
-    ([{"role": "user", "content": []}], "none", "empty list"),
     ([{"role": "user", "content": [{"type": "image", "image": "/no/such/file.png"}]}], "none",
      "cannot read image file '/no/such/file.png'"),
     ([{"role": "user", "content": "hi"}], "medium", "reasoning_effort must be one of"),
     ([{"role": "user", "content": "hi"}], "low", "reasoning_effort must be one of"),
     ([{"role": "user", "content": [{"type": "audio", "audio": 1}]}], "none", "part type 'audio'"),
-    ([{"role": "system", "content": "s"}], "none", "at least one 'user'"),
+    ([{"role": "assistant", "content": "a"}], "none", "one message must be a user or system turn"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f",
+      "arguments": {}}}]}, {"role": "tool", "tool_call_id": "x", "content": "r"}], "none", r"tool_calls\[0\].id"),
+    ([{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "x", "content": "r"}], "none",
+     "must follow an assistant turn"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "a", "function": {
+        "name": "f", "arguments": {}}}]}, {"role": "tool", "tool_call_id": "b", "content": "r"}], "none",
+     "answers no tool call"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "a", "function": {
+        "name": "f", "arguments": {}}}]}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "?"}],
+     "none", "1 ids but 0 results"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "a", "function": {
+        "name": "no spaces", "arguments": {}}}]}], "none", "function.name must be 1 to 64"),
+    ([{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}], "none", "tool_call_id must be"),
+    ([{"role": "system", "content": [{"type": "thinking", "thinking": "t"}]}], "none", "part type 'thinking'"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "none", "add_generation_prompt"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "?"}], "none",
      "needs content or tool_calls"),

@@ -14,8 +14,7 @@ from flax import nnx
 import reference as R
 from convert import convert
 from mistral4_jax import from_pretrained, generate
-from mistral4_jax.model import fp8, moe
-from mistral4_jax.model.mistral4 import layer_at
+from mistral4_jax.model import fp8, layer_at, moe
 
 TOL = 1e-5
 

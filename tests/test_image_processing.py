@@ -1,4 +1,5 @@
-"""Image preprocessing (spec 3.6 step 1) on synthetic images, and against transformers' Pixtral processor."""
+"""Image preprocessing (spec 3.6 step 1) on synthetic images, and the "hf" pipeline against transformers'
+Pixtral processor (the default pipeline is compared with mistral-common in test_mistral_common.py)."""
 
 import numpy as np
 import pytest
@@ -18,9 +19,20 @@ CFG = ImageConfig()  # 1540, patch 14, merge 2: 28 pixels per token
     ((1, 1), (1, 1)),
     ((3080, 1540), (55, 28)),   # ratio 2 -> 1540x770
     ((1600, 1048), (55, 37)),   # 1048 / (1600/1540) = 1008.7 -> round 1009 -> 37 rows (HF floors to 1008: 36)
+    ((3100, 1), (55, 1)),       # 1 / (3100/1540) = 0.497 -> round 0, clamped to 1 pixel as mistral-common does
+    ((1, 3100), (1, 55)),
 ])
 def test_token_grid(size, grid):
     assert token_grid(*size, CFG) == grid
+
+
+def test_token_grid_hf_floors_and_refuses_what_floors_to_nothing():
+    hf = ImageConfig(processor="hf")
+    assert token_grid(1600, 1048, hf) == (55, 36)  # floor(1008.7) = 1008 = 36 * 28
+    with pytest.raises(InputError, match="3100x1 image scales to 1540x0 pixels"):
+        token_grid(3100, 1, hf)
+    with pytest.raises(InputError, match="processor must be one of"):
+        ImageConfig(processor="pil")
 
 
 def test_config_from_model():
@@ -35,8 +47,11 @@ def test_shape_and_constant_colour():
     x = preprocess(img, CFG)
     assert x.shape == (3, 784, 1036) and x.dtype == np.float32
     want = (np.array([10, 128, 250]) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    np.testing.assert_allclose(x.reshape(3, -1).min(1), want, rtol=1e-6)
-    np.testing.assert_allclose(x.reshape(3, -1).max(1), want, rtol=1e-6)
+    # OpenCV's separable bicubic sums 4 + 4 float32 products of a pixel <= 255: 8 roundings of 2^-24 * 255,
+    # then /255 and /std; plus float32 rounding of the normalisation itself (rtol).
+    atol = 8 * 2.0**-24 * 255 / (255 * min(CLIP_STD))
+    np.testing.assert_allclose(x.reshape(3, -1).min(1), want, rtol=1e-6, atol=atol)
+    np.testing.assert_allclose(x.reshape(3, -1).max(1), want, rtol=1e-6, atol=atol)
 
 
 def test_rgba_composited_on_white():
@@ -62,7 +77,8 @@ def test_matches_transformers_pixtral_processor(tmp_path):
     Image.fromarray(imgs[0]).save(tmp_path / "a.png")
     proc = PixtralImageProcessorPil(patch_size={"height": 28, "width": 28}, size={"longest_edge": 1540})
     ref = proc([Image.fromarray(a) for a in imgs], return_tensors="np")
-    pv, sizes = batch_images([preprocess(tmp_path / "a.png", CFG), preprocess(imgs[1], CFG), preprocess(imgs[2], CFG)])
+    hf = ImageConfig(processor="hf")
+    pv, sizes = batch_images([preprocess(tmp_path / "a.png", hf), preprocess(imgs[1], hf), preprocess(imgs[2], hf)])
     np.testing.assert_array_equal(sizes, np.asarray(ref["image_sizes"]))
     assert pv.shape == ref["pixel_values"].shape
     np.testing.assert_allclose(pv, ref["pixel_values"], atol=1e-5)

@@ -136,7 +136,7 @@ def _rounded(ref, dtype=torch.bfloat16):
     return out
 
 
-# The parameters weights="fp8" keeps in E4M3 (quant.FP8_TARGETS), by transformers name.
+# The parameters weights="fp8" keeps in E4M3 (those tagged fp8 in the model), by transformers name.
 FP8_TARGETS = (r"layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)\.weight"
                r"|mlp\.(shared_experts\.)?(gate|up|down)_proj\.weight|mlp\.experts\.(gate_up|down)_proj)$")
 DENSE_MLP = r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"

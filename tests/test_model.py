@@ -11,8 +11,7 @@ import torch
 
 import reference as R
 from mistral4_jax import from_pretrained
-from mistral4_jax.model import ops
-from mistral4_jax.model.mistral4 import layer_at
+from mistral4_jax.model import layer_at, ops
 from mistral4_jax.model.pixtral import patch_layout
 
 TOL = 1e-5  # relative error, float32 (the issue asks for well under 1e-4)

@@ -12,7 +12,7 @@ import pytest
 
 import reference as R
 from mistral4_jax import from_pretrained, generate, score
-from mistral4_jax.sharding import make_mesh, param_spec
+from mistral4_jax.sharding import make_mesh
 
 needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 PROMPTS = [[1, 5, 9, 30, 31], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [1, 2]]
@@ -31,20 +31,6 @@ def single(ckpt):
     ids = np.random.default_rng(82).integers(0, 256, (2, 24))
     return dict(logits=np.asarray(jm(ids)), ids=ids, gen=generate(jm, PROMPTS, max_new_tokens=6, stop_tokens=[]),
                 scores=score(jm, REQUESTS))
-
-
-def test_rules_table_splits_experts_heads_shared_expert_and_vocab():
-    mesh = make_mesh(data=1, expert=2, tensor=2, devices=jax.devices()[:4])
-    assert tuple(mesh.axis_names) == ("data", "expert", "tensor")
-    spec = lambda p, s: tuple(param_spec(p, s, mesh))  # noqa: E731
-    assert spec("language_model/layers/mlp/experts/gate_up_proj", (2, 8, 64, 64)) == (None, "expert", None, None)
-    assert spec("language_model/layers/self_attn/q_b_proj/kernel", (2, 32, 64)) == (None, None, "tensor")
-    assert spec("language_model/layers/self_attn/o_proj/kernel", (2, 64, 64)) == (None, "tensor", None)
-    assert spec("language_model/layers/mlp/shared_experts/down_proj/kernel", (2, 32, 64)) == (None, "tensor", None)
-    assert spec("language_model/embed_tokens/embedding", (256, 64)) == ("tensor", None)
-    assert spec("lm_head/kernel", (64, 256)) == (None, "tensor")
-    assert spec("lm_head/kernel", (64, 255)) == (None, None)  # not divisible: replicated
-    assert spec("language_model/norm/weight", (64,)) == ()
 
 
 @needs8

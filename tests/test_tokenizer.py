@@ -151,3 +151,15 @@ def test_errors(tmp_path, tok):
         tok.decode([5000])
     with pytest.raises(InputError, match="must be a str"):
         tok.encode(b"bytes")
+
+
+def test_find_is_the_one_lookup_beside_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: no tokenizer beside the model"):
+        Tokenizer.find(tmp_path / "empty")
+    assert Tokenizer.find(tmp_path / "empty", required=False) is None
+    write_tekken(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("not read: tekken.json comes first")
+    found = Tokenizer.find(tmp_path / "m", required=False)
+    assert found.source.endswith("tekken.json") and found.encode("Hello") == Tokenizer.from_pretrained(
+        tmp_path / "m" / "tekken.json").encode("Hello")

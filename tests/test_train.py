@@ -17,9 +17,15 @@ from mistral4_jax.config import ModelConfig
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, load_examples, tokenize_record
-from mistral4_jax.train.data import BOS, EOS, END_INST, INST, make_batch
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.images import ImageConfig
+from mistral4_jax.text.tokenizer import Tokenizer
+from mistral4_jax.train.data import make_batch
 
 CFG = ModelConfig.tiny(vocab_size=256).replace(vision=None)
+# v15 special ids (spec section 4)
+BOS, EOS, INST, END_INST, CALLS, SYS, END_SYS, ARGS, THINK, END_THINK, SET, END_SET = (
+    1, 2, 3, 4, 9, 17, 18, 32, 34, 35, 36, 37)
 
 
 def _model(seed=0):
@@ -37,27 +43,61 @@ def _write(path, lines):
 
 
 # ---------------------------------------------------------------------- data
-def test_chat_targets_are_the_assistant_turns():
-    ex = tokenize_record({"messages": [{"role": "system", "content": [40]}, {"role": "user", "content": [50, 51]},
-                                       {"role": "assistant", "content": [60, 61]}, {"role": "user", "content": [52]},
-                                       {"role": "assistant", "content": [62]}]}, None)
-    assert ex.ids.tolist() == [BOS, 17, 40, 18, INST, 50, 51, END_INST, 60, 61, EOS, INST, 52, END_INST, 62, EOS]
-    assert ex.ids[ex.targets].tolist() == [60, 61, EOS, 62, EOS]
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_tok")
+    write_tekken(d)
+    return Tokenizer.from_pretrained(d)
+
+
+def test_chat_targets_are_the_assistant_turns(tok):
+    e = tok.encode
+    calls = [{"id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Check it."},
+                                              {"type": "text", "text": "Checking."}], "tool_calls": calls}]
+    ex = tokenize_record({"messages": msgs, "reasoning_effort": "high"}, tok)
+    context = [BOS, SYS, *e("Be brief."), END_SYS, SET, *e('{"reasoning_effort": "high"}'), END_SET,
+               INST, *e("Hello"), END_INST]
+    reply1 = [*e("Hi!"), EOS]
+    context2 = [INST, *e("Weather?"), END_INST]
+    reply2 = [THINK, *e("Check it."), END_THINK, *e("Checking."), CALLS, *e("get_weather"), ARGS,
+              *e('{"city": "Paris"}'), EOS]
+    assert ex.ids.tolist() == context + reply1 + context2 + reply2
+    assert ex.targets.tolist() == [False] * len(context) + [True] * len(reply1) + [False] * len(context2) + \
+        [True] * len(reply2)
+
+
+def test_chat_records_train_on_the_prompt_inference_writes(tok):
+    # Fine-tuning chats carry the [MODEL_SETTINGS] block, as every inference prompt does: the context
+    # a record trains on is exactly the prompt `chat` / `generate` would encode for the same turns.
+    msgs = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."}]
+    for effort in ("none", "high"):
+        ex = tokenize_record({"messages": msgs, "reasoning_effort": effort}, tok)
+        prompt = tok.apply_chat_template(msgs[:1], reasoning_effort=effort).input_ids
+        assert SET in prompt and ex.ids[:len(prompt)].tolist() == prompt
+        assert ex.ids[len(prompt):].tolist() == [*tok.encode("Paris."), EOS]
+        assert not ex.targets[:len(prompt)].any() and ex.targets[len(prompt):].all()
+    # no reasoning_effort means "none", as for inference
+    assert tokenize_record({"messages": msgs}, tok).ids.tolist() == \
+        tokenize_record({"messages": msgs, "reasoning_effort": "none"}, tok).ids.tolist()
 
 
 def test_text_goes_through_the_tokenizer():
-    class Chars:  # any object with encode(text, add_bos) plugs in
+    class Chars:  # any object with encode(text, add_bos) plugs in for plain text
         def encode(self, text, add_bos=False):
             return [BOS] * add_bos + [100 + ord(c) - ord("a") for c in text]
 
     ex = tokenize_record({"text": "abc"}, Chars())
     assert ex.ids.tolist() == [BOS, 100, 101, 102] and ex.targets.tolist() == [False, True, True, True]
-    chat = tokenize_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-                           Chars())
-    assert chat.ids.tolist() == [BOS, INST, 100, END_INST, 101, EOS]
+    with pytest.raises(InputError, match="needs the model's tokenizer"):  # a chat needs the real renderer
+        tokenize_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                        Chars())
 
 
-def test_bad_data_is_refused_with_the_line(tmp_path):
+def test_bad_data_is_refused_with_the_line(tmp_path, tok):
     with pytest.raises(InputError, match="empty"):
         load_examples(_write(tmp_path / "empty.jsonl", ["", "  "]), None, 32)
     with pytest.raises(InputError, match=r"bad.jsonl:2: no 'messages', 'text' or 'ids'"):
@@ -68,8 +108,11 @@ def test_bad_data_is_refused_with_the_line(tmp_path):
         load_examples(_write(tmp_path / "text.jsonl", [{"text": "hello"}]), None, 32)
     with pytest.raises(InputError, match=r"vocab.jsonl:1: token id outside the vocabulary \[0, 256\)"):
         load_examples(_write(tmp_path / "vocab.jsonl", [{"ids": [1, 300]}]), None, 32, vocab_size=256)
-    with pytest.raises(InputError, match=r"role 'tool' is not supported"):
-        tokenize_record({"messages": [{"role": "tool", "content": [1]}]}, None)
+    with pytest.raises(InputError, match=r"r:1: a training conversation must end with a finished assistant turn"):
+        tokenize_record({"messages": [{"role": "user", "content": "x"}]}, tok, "r:1")
+    with pytest.raises(InputError, match=r"needs the model's tokenizer"):
+        tokenize_record({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                        None)
 
 
 def test_long_sequences_are_truncated_with_a_warning(tmp_path):
@@ -155,15 +198,14 @@ def test_cli_finetune_writes_a_loadable_model_and_a_log(tmp_path, capsys):
 
     synthetic.write_checkpoint(tmp_path / "m", CFG, fp8=True)
     g = np.random.default_rng(1)
-    lines = [{"messages": [{"role": "user", "content": g.integers(20, 256, 5).tolist()},
-                           {"role": "assistant", "content": g.integers(20, 256, 6).tolist()}]} for _ in range(4)]
-    data = _write(tmp_path / "chat.jsonl", lines)
+    lines = [{"ids": [BOS] + g.integers(20, 256, 7).tolist()} for _ in range(4)]
+    data = _write(tmp_path / "ids.jsonl", lines)
     argv = ["finetune", "--model", str(tmp_path / "m"), "--data", str(data), "--steps", "4", "--lr", "1e-3",
             "--out", str(tmp_path / "out"), "--batch-size", "2", "--lora-rank", "2", "--save-every", "2"]
     assert main(argv) == 0
     log = [json.loads(ln) for ln in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in log)
-    assert all(m["tokens"] == 2 * 7 for m in log)  # two rows of 6 assistant tokens + </s>
+    assert all(m["tokens"] == 2 * 7 for m in log)  # two rows of 7 targets (all ids after <s>)
     model = from_pretrained(tmp_path / "out", dtype="float32")
     assert model(np.asarray([[1, 3, 30, 4]])).shape == (1, 4, 256)
     assert main(argv[:-6] + ["--out", str(tmp_path / "bad"), "--lora-rank", "2", "--lora-targets", "mlp"]) == 2
@@ -210,3 +252,57 @@ def test_remat_bf16_and_aux_loss_options(tmp_path):
     tr.train_step()
     assert {x.dtype for x in jax.tree.leaves(tr.state["trainable"])} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------------- chats with images, tools, reasoning
+def _multimodal_records(n=4):
+    """Fine-tuning records as `apply_chat_template` takes them: a system prompt, a user turn with an
+    image (all 56 x 84 pixels: one batch shape, one compile), reasoning, a tool call and its result."""
+    g = np.random.default_rng(2)
+    tools = [{"type": "function", "function": {"name": "count", "description": "Count shapes.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    out = []
+    for i in range(n):
+        img = g.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+        out.append({"reasoning_effort": "high", "tools": tools, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": f"Picture {i}?"}, {"type": "image", "image": img}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Count them."}],
+             "tool_calls": [{"id": f"call{i}", "function": {"name": "count", "arguments": {"n": i}}}]},
+            {"role": "tool", "tool_call_id": f"call{i}", "content": str(i + 2)},
+            {"role": "assistant", "content": f"There are {i + 2} shapes."}]})
+    return out
+
+
+def test_chat_records_with_images_train_through_the_vision_tower(tmp_path):
+    import torch
+
+    ref = R.build(R.hf_config(text={"vocab_size": 1024}), seed=3)
+    model = from_pretrained(R.save(ref, tmp_path / "ref"), dtype="float32")
+    write_tekken(tmp_path / "tok", vocab_size=1024)
+    tok = Tokenizer.from_pretrained(tmp_path / "tok", image_config=ImageConfig.from_model_config(model.config))
+    examples = [tokenize_record(r, tok) for r in _multimodal_records()]
+    assert all(len(e.images) == 1 and e.images[0].shape == (3, 56, 84) for e in examples)
+    cfg = TrainConfig(steps=20, lr=3e-3, batch_size=4, max_len=256)
+    tr = Trainer(model, examples, cfg, tmp_path / "run")
+    batch = tr.next_batch()
+    assert batch["pixel_values"].shape == (4, 3, 56, 84) and batch["image_sizes"].tolist() == [[56, 84]] * 4
+    # the first step's loss is the reference's on the same batch (the images through its vision tower)
+    # the first step's loss and gradient norm are the reference's on the same batch (torch autograd
+    # through its vision tower); the step's grad_norm is taken before clipping
+    out = ref(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+              attention_mask=torch.as_tensor(batch["attention_mask"]),
+              pixel_values=torch.as_tensor(batch["pixel_values"]), image_sizes=torch.as_tensor(batch["image_sizes"]))
+    nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 1024).float(),
+                                            torch.as_tensor(batch["input_ids"][:, 1:], dtype=torch.long).reshape(-1),
+                                            reduction="none")
+    w = torch.as_tensor(batch["targets"][:, 1:]).reshape(-1).float()
+    loss = (nll * w).sum() / w.sum()
+    loss.backward()
+    want_norm = float(np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ref.parameters() if p.grad is not None)))
+    assert ref.model.vision_tower.patch_conv.weight.grad.abs().max() > 0  # the images take part in the loss
+    hist = tr.run(progress=False)
+    losses = [m["loss"] for m in hist]
+    assert abs(losses[0] - loss.item()) / loss.item() < 1e-4, (losses[0], loss.item())
+    assert abs(hist[0]["grad_norm"] - want_norm) / want_norm < 1e-4, (hist[0]["grad_norm"], want_norm)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])

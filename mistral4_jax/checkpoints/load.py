@@ -460,14 +460,16 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     cfg, model, plan = open_safetensors(path, dtype, **config_overrides)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
+    shardings = shard_lib.param_shardings(state, mesh)
+    keep_fp8 = fp8.fp8_paths(state) if weights == "fp8" else set()
     values = []
     for p, var in flat:
         key = "/".join(map(str, p))
-        if weights == "fp8" and fp8.is_fp8_target(key):
-            values.append((p, var.replace(checkpoint.load_fp8_param(key, plan[key], tuple(var.shape), dtype, mesh))))
+        if key in keep_fp8:
+            values.append((p, var.replace(checkpoint.load_fp8_param(key, plan[key], tuple(var.shape), dtype,
+                                                                    shardings[key]))))
             continue
-        arr = load_param(key, plan[key], tuple(var.shape), var.dtype,
-                         shard_lib.param_sharding(key, tuple(var.shape), mesh))
+        arr = load_param(key, plan[key], tuple(var.shape), var.dtype, shardings[key])
         values.append((p, var.replace(arr) if hasattr(var, "replace") else arr))
     state = nnx.from_flat_state(values)
     return nnx.merge(graphdef, state)

@@ -17,7 +17,7 @@ FP8 (`dtype` "float8"): a weight stored as E4M3 on disk stays E4M3 (the others k
 kernel's shape with the input axis set to 1 (`[..., 1, out]`): W = f32(W_fp8) * scale. Per-output-column
 scales represent per-tensor, per-expert and the native per-expert gate/up scales exactly, and suit an
 FP8 matmul `(x @ W_fp8) * scale`. `restore` dequantises to the requested dtype, or with weights="fp8" keeps
-the `fp8.FP8_TARGETS` parameters as `fp8.Fp8Weight`s (E4M3 values and these scales).
+the parameters tagged `fp8` as `fp8.Fp8Weight`s (E4M3 values and these scales).
 """
 
 from __future__ import annotations
@@ -212,10 +212,9 @@ def _placed(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def load_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, mesh) -> fp8.Fp8Weight:
-    """A `fp8.FP8_TARGETS` parameter as an `Fp8Weight` on its sharding, filled one layer at a time."""
-    qsh = shard_lib.param_sharding(path, shape, mesh)
-    ssh = shard_lib.param_sharding(path, fp8.scale_shape(shape), mesh)
+def load_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, sharding) -> fp8.Fp8Weight:
+    """A parameter tagged `fp8` as an `Fp8Weight` on its `sharding`, filled one layer at a time."""
+    qsh, ssh = sharding, fp8.scale_sharding(sharding)
     name = jnp.dtype(dtype).name
     if not _is_stacked(path):
         q, s = fp8_slot(pieces, shape)
@@ -349,7 +348,7 @@ def _dequantize(q, s, dtype):
 def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides) -> nnx.Module:
     """A converted checkpoint as a `Mistral3ForConditionalGeneration`, each array restored on its sharding.
 
-    weights="fp8": the `fp8.FP8_TARGETS` parameters become `fp8.Fp8Weight`s (kept E4M3 arrays with
+    weights="fp8": the parameters tagged `fp8` become `fp8.Fp8Weight`s (kept E4M3 arrays with
     their scales; arrays converted to another dtype are quantised per output column)."""
     import orbax.checkpoint as ocp
 
@@ -373,10 +372,10 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
            for p, s in shapes.items() if p not in specs or tuple(specs[p]["shape"]) != s]
     if bad:
         raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(bad))
-    shardings = {p: shard_lib.param_sharding(p, s, mesh) for p, s in shapes.items()}
+    shardings = shard_lib.param_shardings(state, mesh)
     values: dict[str, jax.Array] = {}
     scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3, scales[p] float32
-    keep_fp8 = {p for p in shapes if weights == "fp8" and fp8.is_fp8_target(p)}
+    keep_fp8 = fp8.fp8_paths(state) if weights == "fp8" else set()
     with ocp.StandardCheckpointer() as ckptr:
         for gdir, members in groups(shapes).items():
             target: dict = {"params": {}, "scales": {}}
@@ -387,7 +386,7 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
                 _nest(target["params"], tree_key(p), jax.ShapeDtypeStruct(shp, np.dtype(spec["dtype"]), sharding=sh))
                 if spec["scaled"]:
                     full = scale_shape(shape)
-                    ssh = shard_lib.param_sharding(p, full, mesh)
+                    ssh = fp8.scale_sharding(shardings[p])
                     ssh = ssh if layer is None else shard_lib.drop_leading_axis(ssh)
                     _nest(target["scales"], tree_key(p),
                           jax.ShapeDtypeStruct(full if layer is None else full[1:], np.float32, sharding=ssh))
@@ -402,7 +401,7 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
                     else:
                         w = jax.jit(fp8.quantize)(x)
                         x, s = w.q, w.scale
-                    ssh = shard_lib.param_sharding(p, scale_shape(shapes[p]), mesh)
+                    ssh = fp8.scale_sharding(shardings[p])
                     if layer is None:
                         values[p], scales[p] = x, s
                         continue

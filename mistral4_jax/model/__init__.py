@@ -4,7 +4,7 @@
 from .cache import Cache, init_cache
 from .hooks import Capture, ForwardOutput, Intervention, ResidualPatch
 from .mistral3 import Mistral3ForConditionalGeneration
-from .mistral4 import layer_at
+from .layers import layer_at
 
 __all__ = ["Cache", "Capture", "ForwardOutput", "Intervention", "Mistral3ForConditionalGeneration", "ResidualPatch",
            "init_cache", "layer_at"]

@@ -17,30 +17,25 @@ bytes per step against the roofline), not assumed. The routed experts are gather
 and `scale` before dequantising (`moe.take_experts`), so at small batch only the selected experts'
 FP8 bytes are read.
 
-Which parameters are kept in FP8 (`FP8_TARGETS`): the attention projections, the shared-expert and
-dense-layer MLPs and the routed experts of the text decoder layers. Embeddings, norms, the router,
-the lm_head and the vision tower stay in the model dtype.
+Which parameters are kept in FP8: those created with the `fp8=True` tag (`layers.param_meta`; read by
+`fp8_paths`): the attention projections, the shared-expert and dense-layer MLPs and the routed experts
+of the text decoder layers. Embeddings, norms, the router, the lm_head and the vision tower stay in the
+model dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-
-FP8_TARGETS = re.compile(
-    r"^language_model/(dense_)?layers/("
-    r"self_attn/(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)/kernel"
-    r"|mlp/shared_experts/(gate_proj|up_proj|down_proj)/kernel"
-    r"|mlp/(gate_proj|up_proj|down_proj)/kernel"
-    r"|mlp/experts/(gate_up_proj|down_proj))$")
 
 WEIGHTS = (None, "fp8")  # from_pretrained(weights=...): None keeps every parameter in `dtype`
 
@@ -51,14 +46,24 @@ def check_weights(weights) -> None:
                          f"experts with float32 scales), got {weights!r}")
 
 
-def is_fp8_target(path: str) -> bool:
-    """Whether parameter `path` (e.g. 'language_model/layers/self_attn/o_proj/kernel') is kept in FP8."""
-    return FP8_TARGETS.match(path) is not None
+def fp8_paths(tree) -> set[str]:
+    """Paths of the parameters of a module or state that weights="fp8" keeps in E4M3 (tagged `fp8=True`)."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+    return {"/".join(map(str, p)) for p, v in nnx.to_flat_state(state)
+            if isinstance(v, nnx.Param) and v.get_metadata().get("fp8", False)}
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Per-output-column scale of a kernel `[..., in, out]`: `[..., 1, out]`."""
     return (*shape[:-2], 1, shape[-1])
+
+
+def scale_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a kernel's scale `[..., 1, out]`: the kernel's, with its (size 1) input axis replicated."""
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) >= 2:
+        spec = tuple(sharding.spec)
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec[:-2], None, spec[-1]))
+    return sharding
 
 
 @jax.tree_util.register_dataclass

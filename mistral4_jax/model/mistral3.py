@@ -17,7 +17,8 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..inputs import check_image_tokens, check_token_ids
 from .hooks import Capture, Intervention, Probe
-from .mistral4 import Mistral4Model, RMSNorm, linear
+from .layers import RMSNorm, linear
+from .mistral4 import Mistral4Model
 from .pixtral import PatchLayout, PixtralVisionModel, patch_layout
 
 
@@ -62,7 +63,7 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         else:
             self.vision_tower = self.multi_modal_projector = None
         self.language_model = Mistral4Model(cfg.text, dtype, rngs)
-        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, dtype, rngs)
+        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, dtype, rngs, axes=(None, "vocab"))
 
     # ------------------------------------------------------------------ pieces
     def image_features(self, pixel_values: jax.Array, layout: PatchLayout) -> jax.Array:

@@ -20,39 +20,13 @@ from flax import nnx
 from . import fp8, moe, ops
 from ..config import TextConfig
 from .hooks import Probe
-
-_init = nnx.initializers.normal(0.02)
-
-
-def linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=_init, rngs=rngs)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return ops.rms_norm(x, self.weight[...], self.eps)
-
-
-class Mistral4MLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): the shared expert, the dense layers' MLP and Pixtral's feed-forward."""
-
-    def __init__(self, hidden: int, intermediate: int, act: str, dtype, rngs: nnx.Rngs):
-        self.gate_proj = linear(hidden, intermediate, dtype, rngs)
-        self.up_proj = linear(hidden, intermediate, dtype, rngs)
-        self.down_proj = linear(intermediate, hidden, dtype, rngs)
-        self.act = act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ops.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+from .layers import (Mistral4MLP, RMSNorm, init_normal, layer_at, linear, param,  # noqa: F401
+                     param_meta, stack_layers)
 
 
 class Mistral4TopkRouter(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs.params(), (cfg.hidden_size, cfg.n_routed_experts), dtype))
+        self.kernel = param(init_normal(rngs.params(), (cfg.hidden_size, cfg.n_routed_experts), dtype), (None, None))
         self.cfg = cfg
 
     def __call__(self, x_th: jax.Array, allowed_te: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -70,8 +44,9 @@ class Mistral4Experts(nnx.Module):
 
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nnx.Param(_init(rngs.params(), (e, h, 2 * i), dtype))
-        self.down_proj = nnx.Param(_init(rngs.params(), (e, i, h), dtype))
+        tags = dict(fp8=True, lora="experts")
+        self.gate_up_proj = param(init_normal(rngs.params(), (e, h, 2 * i), dtype), ("expert", None, None), **tags)
+        self.down_proj = param(init_normal(rngs.params(), (e, i, h), dtype), ("expert", None, None), **tags)
         self.act = cfg.hidden_act
         self.impl = cfg.expert_impl
 
@@ -85,7 +60,8 @@ class Mistral4MoE(nnx.Module):
         self.gate = Mistral4TopkRouter(cfg, dtype, rngs)
         self.experts = Mistral4Experts(cfg, dtype, rngs)
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
+        self.shared_experts = (Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs, width_axis="mlp",
+                                           fp8=True, lora="shared_experts") if width else None)
         self.keep_router_logits = False  # training sets it to read the logits back (load-balancing loss)
 
     def __call__(self, x_btd: jax.Array, keep_router: bool = False, expert_mask=None) -> jax.Array:
@@ -118,17 +94,21 @@ class Mistral4Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
         h, nh = cfg.hidden_size, cfg.num_attention_heads
         self.cfg = cfg
+        # Heads sit on the output side of q / kv_b and on the input side of o_proj.
+        tags = dict(fp8=True, lora="attention")
         if cfg.q_lora_rank is None:
-            self.q_proj = linear(h, nh * cfg.qk_head_dim, dtype, rngs)
+            self.q_proj = linear(h, nh * cfg.qk_head_dim, dtype, rngs, axes=(None, "heads"), **tags)
         else:
-            self.q_a_proj = linear(h, cfg.q_lora_rank, dtype, rngs, bias=cfg.attention_bias)
+            self.q_a_proj = linear(h, cfg.q_lora_rank, dtype, rngs, bias=cfg.attention_bias, **tags)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)  # eps hard-coded in the reference
-            self.q_b_proj = linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, dtype, rngs)
+            self.q_b_proj = linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, dtype, rngs, axes=(None, "heads"), **tags)
         self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, rngs,
-                                         bias=cfg.attention_bias)
+                                         bias=cfg.attention_bias, **tags)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
-        self.kv_b_proj = linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, rngs)
-        self.o_proj = linear(nh * cfg.v_head_dim, h, dtype, rngs, bias=cfg.attention_bias)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, rngs,
+                                axes=(None, "heads"), **tags)
+        self.o_proj = linear(nh * cfg.v_head_dim, h, dtype, rngs, bias=cfg.attention_bias, axes=("heads", None),
+                             **tags)
 
     def _rope(self, x_bthr, cos, sin):
         fn = ops.apply_rope_interleaved if self.cfg.rope_interleave else ops.apply_rope_half
@@ -188,7 +168,8 @@ class Mistral4DecoderLayer(nnx.Module):
         self.self_attn = Mistral4Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if dense:
-            self.mlp = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs)
+            self.mlp = Mistral4MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, rngs,
+                                   width_axis="mlp", fp8=True, lora="dense_mlp")
         else:
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
@@ -206,17 +187,6 @@ class Mistral4DecoderLayer(nnx.Module):
         if c.hidden_states:
             self.hidden_state = nnx.Intermediate(out)
         return out
-
-
-def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    """n copies of a module whose parameters are stacked along a new leading axis."""
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(r: nnx.Rngs):
-        return make(r)
-
-    return create(rngs)
 
 
 def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False, xs=None):
@@ -246,7 +216,8 @@ class Mistral4Model(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=_init, rngs=rngs)
+                                      embedding_init=init_normal, embedding_metadata=param_meta(("vocab", None)),
+                                      rngs=rngs)
         k = cfg.first_k_dense_replace
         self.dense_layers = (stack_layers(lambda r: Mistral4DecoderLayer(cfg, True, dtype, r), k, rngs)
                              if k else None)
@@ -286,8 +257,3 @@ class Mistral4Model(nnx.Module):
                 x = scan_layers(stack, x, probed_fn, self.remat, probe.layer_inputs(first, n, stack is self.layers))
         return self.norm(x)
 
-
-def layer_at(stack: nnx.Module, i: int) -> nnx.Module:
-    """Layer `i` of a stacked module, as an ordinary module (a view for inspection and tests)."""
-    graphdef, state = nnx.split(stack)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))

@@ -18,7 +18,8 @@ from flax import nnx
 from . import ops
 from ..config import VisionConfig
 from ..errors import InputError
-from .mistral4 import Mistral4MLP, RMSNorm, linear, scan_layers, stack_layers
+from .layers import Mistral4MLP, RMSNorm, init_normal, linear, param_meta, stack_layers
+from .mistral4 import scan_layers
 
 _EPS = 1e-5  # Pixtral's norms hard-code 1e-5 (spec 3.2)
 
@@ -127,8 +128,8 @@ class PixtralVisionModel(nnx.Module):
         self.cfg = cfg
         p = cfg.patch_size
         self.patch_conv = nnx.Conv(cfg.num_channels, cfg.hidden_size, (p, p), (p, p), padding="VALID",
-                                   use_bias=False, dtype=dtype, param_dtype=dtype,
-                                   kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                   use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init_normal,
+                                   kernel_metadata=param_meta((None,) * 4), rngs=rngs)
         self.ln_pre = RMSNorm(cfg.hidden_size, _EPS, dtype)
         n = cfg.num_hidden_layers if num_layers is None else num_layers
         self.transformer = PixtralTransformer(cfg, dtype, rngs, n) if n else None

@@ -1,13 +1,22 @@
-"""Image preprocessing for the Pixtral tower (spec 3.6 step 1, mistral-common `ImageEncoder`).
+"""Image preprocessing for the Pixtral tower (spec 3.6 step 1).
 
 An image becomes a float32 CHW array whose sides are multiples of `patch_size * spatial_merge_size`
 (28 for the released model), plus the `[IMG]` / `[IMG_BREAK]` / `[IMG_END]` token block that stands for
 it in the prompt. Several images are zero-padded bottom/right to one `[N, 3, H, W]` array with their
 true `image_sizes`, as the HF `PixtralImageProcessor` pads a batch.
+
+Two pipelines, chosen by `ImageConfig.processor`:
+- "mistral-common" (default): exactly mistral-common's `ImageEncoder`, the preprocessing the model was
+  trained with and vLLM / SGLang serve: sides scaled by Python's `round` (at least 1 pixel), OpenCV
+  bicubic resize on float32 pixels, transparency pasted onto white.
+- "hf": transformers' `PixtralImageProcessor`: sides floored, PIL bicubic resize on uint8 pixels,
+  transparency alpha-composited onto white. Resized pixels differ from mistral-common's by up to ~1.6
+  in normalised units, so keep to one pipeline between training and inference.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,15 +29,22 @@ from ..errors import InputError
 # OpenAI CLIP statistics (mistral-common `DATASET_MEAN` / `DATASET_STD`), RGB order.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROCESSORS = ("mistral-common", "hf")
 
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """What preprocessing needs from the model: longest side, patch and merge size."""
+    """What preprocessing needs from the model (longest side, patch and merge size) and the pipeline
+    (`processor`, see the module docstring)."""
 
     image_size: int = 1540
     patch_size: int = 14
     spatial_merge_size: int = 2
+    processor: str = "mistral-common"
+
+    def __post_init__(self):
+        if self.processor not in PROCESSORS:
+            raise InputError(f"ImageConfig.processor must be one of {PROCESSORS}, got {self.processor!r}")
 
     @property
     def token_size(self) -> int:
@@ -36,18 +52,15 @@ class ImageConfig:
         return self.patch_size * self.spatial_merge_size
 
     @classmethod
-    def from_model_config(cls, cfg) -> ImageConfig:
+    def from_model_config(cls, cfg, processor: str = "mistral-common") -> ImageConfig:
         """From a `ModelConfig` (its `vision` config and `spatial_merge_size`)."""
         if cfg.vision is None:
             raise InputError("this model has no vision_config: it cannot take images")
-        return cls(cfg.vision.image_size, cfg.vision.patch_size, cfg.spatial_merge_size)
+        return cls(cfg.vision.image_size, cfg.vision.patch_size, cfg.spatial_merge_size, processor)
 
 
-def load_image(image: Any, what: str = "image") -> Image.Image:
-    """A path, PIL image or uint8 array (HW, HWC with 3 or 4 channels) as an RGB PIL image.
-
-    Transparency is composited onto white (mistral-common `_convert_to_rgb`).
-    """
+def open_image(image: Any, what: str = "image") -> Image.Image:
+    """A path, PIL image or uint8 array (HW, HWC with 3 or 4 channels) as a PIL image (any mode)."""
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as f:
@@ -66,36 +79,63 @@ def load_image(image: Any, what: str = "image") -> Image.Image:
         raise InputError(f"{what}: expected a file path, a PIL image or a uint8 array, got {type(image).__name__}")
     if img.width < 1 or img.height < 1:
         raise InputError(f"{what}: image has no pixels ({img.width}x{img.height})")
+    return img
+
+
+def load_image(image: Any, what: str = "image", processor: str = "mistral-common") -> Image.Image:
+    """`open_image`, then RGB with transparency on white, as the chosen pipeline does it
+    (mistral-common `_convert_to_rgb` pastes through the alpha mask; transformers alpha-composites)."""
+    img = open_image(image, what)
     if img.mode == "RGB":
         return img
     rgba = img.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    if processor == "hf":
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    white.paste(rgba, (0, 0), rgba)
+    return white.convert("RGB")
 
 
 def token_grid(width: int, height: int, cfg: ImageConfig) -> tuple[int, int]:
     """(W_t, H_t): `[IMG]` tokens per row and rows for an image of `width` x `height` pixels.
 
-    ratio = max(w, h) / image_size; if ratio > 1 the sides become round(side / ratio) (Python's
-    round, as mistral-common; HF floors instead). Then W_t = (w - 1) // token_size + 1, likewise H_t.
+    ratio = max(w, h) / image_size; if ratio > 1 the sides become side / ratio, rounded as
+    mistral-common does (Python's round, at least 1 pixel) or floored as transformers does (where an
+    extreme aspect ratio leaves no pixel: an InputError). Then W_t = (w - 1) // token_size + 1.
     """
     ratio = max(width / cfg.image_size, height / cfg.image_size)
     if ratio > 1:
-        width, height = round(width / ratio), round(height / ratio)
+        if cfg.processor == "hf":
+            w, h = math.floor(width / ratio), math.floor(height / ratio)
+            if w < 1 or h < 1:
+                raise InputError(f"a {width}x{height} image scales to {w}x{h} pixels with processor='hf' "
+                                 f"(longest side {cfg.image_size}): no pixel is left on one side")
+            width, height = w, h
+        else:
+            width, height = max(round(width / ratio), 1), max(round(height / ratio), 1)
     t = cfg.token_size
     return (width - 1) // t + 1, (height - 1) // t + 1
 
 
-def preprocess(image: Any, cfg: ImageConfig, what: str = "image") -> np.ndarray:
-    """One image -> float32 [3, 28*H_t, 28*W_t]: bicubic resize, /255, CLIP mean/std (spec 3.6)."""
-    img = load_image(image, what)
-    cols, rows = token_grid(img.width, img.height, cfg)
-    size = (cols * cfg.token_size, rows * cfg.token_size)
-    # PIL bicubic on uint8, as the HF processor does; mistral-common uses cv2 on float32 (small differences).
-    if img.size != size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    x_hwc = np.asarray(img, dtype=np.float32) / 255.0
+def normalize(x_hwc: np.ndarray) -> np.ndarray:
+    """float32 HWC pixels in [0, 255] -> CHW, /255 then CLIP mean/std, in float32 (as mistral-common)."""
+    x_hwc = np.asarray(x_hwc, np.float32) / np.float32(255.0)
     x_hwc = (x_hwc - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
     return np.ascontiguousarray(x_hwc.transpose(2, 0, 1))
+
+
+def preprocess(image: Any, cfg: ImageConfig, what: str = "image") -> np.ndarray:
+    """One image -> float32 [3, 28*H_t, 28*W_t]: bicubic resize, /255, CLIP mean/std (spec 3.6)."""
+    img = load_image(image, what, cfg.processor)
+    cols, rows = token_grid(img.width, img.height, cfg)
+    size = (cols * cfg.token_size, rows * cfg.token_size)
+    if cfg.processor == "hf":  # PIL bicubic on uint8, as the HF processor does
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        return normalize(np.asarray(img))
+    import cv2  # mistral-common resizes float32 pixels with OpenCV (always, even to the same size)
+
+    return normalize(cv2.resize(np.asarray(img, dtype=np.float32), size, interpolation=cv2.INTER_CUBIC))
 
 
 def image_token_ids(cols: int, rows: int, img: int, img_break: int, img_end: int) -> list[int]:

@@ -11,7 +11,7 @@ Two on-disk layouts are read:
 
 Plain text is always encoded as text: a user typing "[INST]" gets the characters, never the control
 token (as mistral-common's Tekkenizer does). Control tokens enter a prompt only through the chat
-template (`mistral4_jax.chat`).
+template (`mistral4_jax.text.chat`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ SPECIAL_ATTRS = {
     "think_end": "[/THINK]", "model_settings": "[MODEL_SETTINGS]", "model_settings_end": "[/MODEL_SETTINGS]",
 }
 SPECIAL_FILLER = "<SPECIAL_{id}>"
+# The tokenizer files a model directory may hold, the authoritative one first.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.json")
 # The split regex of the released tekken.json (`config.pattern`).
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
                   r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
@@ -183,7 +185,7 @@ class Tokenizer:
         """
         p = Path(path)
         if p.is_dir():
-            candidates = [p / "tekken.json", p / "tokenizer.json"]
+            candidates = [p / f for f in TOKENIZER_FILES]
             file = next((c for c in candidates if c.is_file()), None)
             if file is None:
                 raise CheckpointError(f"{p}: no tekken.json or tokenizer.json in this directory")
@@ -202,6 +204,21 @@ class Tokenizer:
         if image_config is None:
             image_config = _image_config_near(file, raw)
         return cls(backend, str(file), image_config)
+
+    @classmethod
+    def find(cls, model_dir: str | os.PathLike, required: bool = True) -> Tokenizer | None:
+        """The tokenizer beside a model: `model_dir`'s tekken.json or tokenizer.json (or the file itself).
+
+        A directory without either file raises a CheckpointError that says what to do, or gives None
+        when `required` is False (token-id data needs no tokenizer).
+        """
+        d = Path(model_dir)
+        if d.is_dir() and not any((d / f).is_file() for f in TOKENIZER_FILES):
+            if not required:
+                return None
+            raise CheckpointError(f"{d}: no tokenizer beside the model (expected tekken.json or tokenizer.json in "
+                                  "this directory; copy the one from the HF repository, or give token ids)")
+        return cls.from_pretrained(d)
 
     # ------------------------------------------------------------------ text
     @property
@@ -245,13 +262,13 @@ class Tokenizer:
     def apply_chat_template(self, messages, reasoning_effort: str | None = "none", tools=None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,
                             image_config: ImageConfig | None = None):
-        """The v15 chat prompt of `messages`: see `mistral4_jax.chat.apply_chat_template`."""
+        """The v15 chat prompt of `messages`: see `mistral4_jax.text.chat.apply_chat_template`."""
         return chat.apply_chat_template(self, messages, reasoning_effort=reasoning_effort, tools=tools,
                                         add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message, image_config=image_config)
 
     def parse_output(self, ids):
-        """Reasoning, answer and tool calls of generated ids: see `mistral4_jax.chat.parse_output`."""
+        """Reasoning, answer and tool calls of generated ids: see `mistral4_jax.text.chat.parse_output`."""
         return chat.parse_output(self, ids)
 
     def __repr__(self) -> str:

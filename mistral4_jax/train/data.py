@@ -4,22 +4,28 @@ Each line is one JSON object, one of:
 
   {"ids": [1, 3, 17, ...]}                     token ids; every token after the first is a target
   {"text": "..."}                              plain text (needs a tokenizer); every token is a target
-  {"messages": [{"role": ..., "content": ...}]} a chat; only assistant turns are targets
+  {"messages": [...], "reasoning_effort": "none" | "high", "tools": [...]}
+                                               a finished chat (needs the model's tokenizer)
 
-A message `content` is a string (needs a tokenizer) or a list of token ids. Roles: system, user,
-assistant. The chat is laid out in the v15 format (spec section 4):
+A chat is rendered by the one v15 renderer, `mistral4_jax.text.chat` (the same ids `chat`, `generate`
+and the servers write): `[MODEL_SETTINGS]` block, tools, `[THINK]` parts and tool calls included.
+`messages`, `reasoning_effort` and `tools` are what `apply_chat_template` takes (images too: they are
+preprocessed with the model's image settings and go through the vision tower in the train step); the
+conversation ends with an assistant turn. The targets are the assistant tokens: text, thinking, tool calls and each
+turn's closing `</s>` (`ChatPrompt.assistant_mask`); system, user and tool turns and the settings and
+tools blocks are context only. Why: the model only ever writes assistant turns, so those are what it
+learns; `</s>` is a target so that it learns where a turn ends (and `[TOOL_CALLS]` so that it learns
+when to call); the rest is written by people, tools or the template and is given, never predicted.
+Every assistant turn is trained, not only the last, as mistral-common's fine-tuning messages default
+to (weight 1).
 
-  <s>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]user 1[/INST]assistant 1</s>[INST]user 2[/INST]assistant 2</s>
-
-and the targets are each assistant reply and its `</s>`. Not rendered (yet): the
-`[MODEL_SETTINGS]` block, tools, images, `[THINK]` chunks.
-
-Tokenising is one separate step, `tokenize_record(record, tokenizer)`: `tokenizer` is any object
-with `encode(text, add_bos=...) -> list[int]`, e.g. `mistral4_jax.tokenizer.Tokenizer`, or None for
-token-id data.
+Tokenising is one separate step, `tokenize_record(record, tokenizer)`: `tokenizer` is a
+`mistral4_jax.text.tokenizer.Tokenizer` (for "text" any object with `encode(text, add_bos=...)`
+will do), or None for token-id data.
 
 Sequences longer than `max_len` are truncated to `max_len` (keeping the start) with one warning
-that counts them; an example left with no target token is dropped, with a warning.
+that counts them (a record with images is refused instead: its image blocks cannot be cut); an
+example left with no target token is dropped, with a warning.
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..jsonl import read_jsonl
+from ..text.images import batch_images
 
-BOS, EOS, PAD = 1, 2, 11
-INST, END_INST, SYSTEM, END_SYSTEM = 3, 4, 17, 18
+PAD = 11  # the v15 <pad> id (spec 4); padded positions are masked out of the loss
 
 
 class Encoder(Protocol):
@@ -46,6 +52,7 @@ class Encoder(Protocol):
 class Example:
     ids: np.ndarray  # int32 [T]
     targets: np.ndarray  # bool [T]: True where token t is trained on (predicted from tokens < t)
+    images: tuple[np.ndarray, ...] = ()  # float32 [3, H, W] each, in the order of their [IMG] blocks
 
 
 def _ids(value, where: str) -> list[int]:
@@ -54,19 +61,10 @@ def _ids(value, where: str) -> list[int]:
     return value
 
 
-def _content(content, tokenizer: Encoder | None, where: str) -> list[int]:
-    if isinstance(content, str):
-        if tokenizer is None:
-            raise InputError(f"{where}: text content needs a tokenizer (none found with the model); "
-                             "give token ids instead, or a model directory with tokenizer files")
-        return list(tokenizer.encode(content, add_bos=False))
-    return _ids(content, where)
-
-
 def tokenize_record(record: dict, tokenizer: Encoder | None, where: str = "record") -> Example:
     """One JSON record -> Example(ids, targets). See the module docstring for the formats."""
     if "messages" in record:
-        return _chat(record["messages"], tokenizer, where)
+        return _chat(record, tokenizer, where)
     if "text" in record:
         if not isinstance(record["text"], str):
             raise InputError(f"{where}: 'text' must be a string")
@@ -82,29 +80,20 @@ def tokenize_record(record: dict, tokenizer: Encoder | None, where: str = "recor
     return Example(np.asarray(ids, np.int32), targets)
 
 
-def _chat(messages, tokenizer: Encoder | None, where: str) -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    ids, targets = [BOS], [False]
+def _chat(record: dict, tokenizer, where: str) -> Example:
+    from ..text.chat import training_prompt
 
-    def add(tokens, train: bool):
-        ids.extend(tokens)
-        targets.extend([train] * len(tokens))
-
-    for i, m in enumerate(messages):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InputError(f"{at}: expected an object with 'role' and 'content'")
-        role, content = m["role"], _content(m["content"], tokenizer, at)
-        if role == "system":
-            add([SYSTEM, *content, END_SYSTEM], False)
-        elif role == "user":
-            add([INST, *content, END_INST], False)
-        elif role == "assistant":
-            add([*content, EOS], True)
-        else:
-            raise InputError(f"{at}: role {role!r} is not supported (expected system, user or assistant)")
-    return Example(np.asarray(ids, np.int32), np.asarray(targets, bool))
+    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+        raise InputError(f"{where}: a 'messages' record needs the model's tokenizer (none found with the model: "
+                         "put its tekken.json beside the model), or give 'ids' instead")
+    try:
+        prompt = training_prompt(tokenizer, record["messages"], reasoning_effort=record.get("reasoning_effort"),
+                                 tools=record.get("tools"))
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    images = tuple(prompt.pixel_values[k, :, :h, :w] for k, (h, w) in enumerate(prompt.image_sizes)) \
+        if prompt.num_images else ()
+    return Example(np.asarray(prompt.input_ids, np.int32), np.asarray(prompt.assistant_mask, bool), images)
 
 
 def load_examples(path: str | os.PathLike, tokenizer: Encoder | None, max_len: int,
@@ -116,6 +105,9 @@ def load_examples(path: str | os.PathLike, tokenizer: Encoder | None, max_len: i
         ex = tokenize_record(rec, tokenizer, where)
         if vocab_size is not None and len(ex.ids) and (ex.ids.min() < 0 or ex.ids.max() >= vocab_size):
             raise InputError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+        if len(ex.ids) > max_len and ex.images:
+            raise InputError(f"{where}: a record with images is {len(ex.ids)} tokens, longer than max_len={max_len}; "
+                             "its image blocks cannot be cut: raise max_len or shorten the record")
         if len(ex.ids) > max_len:
             truncated += 1
             ex = Example(ex.ids[:max_len], ex.targets[:max_len])
@@ -142,15 +134,21 @@ def make_batch(examples: list[Example], position: int, batch_size: int, seq_len:
     """The batch that starts at global example `position` (epochs follow each other, each shuffled).
 
     Returns numpy arrays: input_ids int32 [B, T] (padded with <pad>), attention_mask int32 [B, T],
-    targets bool [B, T].
+    targets bool [B, T]; and when the rows hold images, pixel_values float32 [N, 3, H, W] and
+    image_sizes int32 [N, 2] of all of them in row order (as the model takes them: `batch_images`).
     """
     n = len(examples)
     ids = np.full((batch_size, seq_len), PAD, np.int32)
     mask = np.zeros((batch_size, seq_len), np.int32)
     targets = np.zeros((batch_size, seq_len), bool)
+    images = []
     for row in range(batch_size):
         g = position + row
         ex = examples[epoch_order(n, seed, g // n)[g % n]]
         t = len(ex.ids)
         ids[row, :t], mask[row, :t], targets[row, :t] = ex.ids, 1, ex.targets
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+        images += ex.images
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    if images:
+        batch["pixel_values"], batch["image_sizes"] = batch_images(images)
+    return batch

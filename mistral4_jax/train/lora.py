@@ -14,27 +14,24 @@ W_eff is formed where the model reads the weight: a targeted parameter's value i
 `jax.lax.scan`, which slices every leaf of that pytree, so W_eff exists for one layer at a time
 inside the scan body (and, with remat, is recomputed in the backward pass), never for the whole
 model. The model code is unchanged: every module reads its weights with `param[...]`.
+
+Which weights a target group adapts is declared where each parameter is created (the `lora=GROUP` tag of
+`model/layers.py`): "attention" (the six attention projections of every decoder layer), "shared_experts",
+"experts" (the routed experts of the MoE layers) and "dense_mlp" (the MLPs of the dense layers).
+Adapters are keyed by the adapted parameter's path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import InputError
+from ..model.layers import LORA_GROUPS
 
-# Target group -> regex on the parameter path. Only decoder-layer weights are targeted.
-TARGETS: dict[str, str] = {
-    "attention": r"language_model/(dense_)?layers/self_attn/(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"
-                 r"|o_proj)/kernel$",
-    "shared_experts": r"language_model/layers/mlp/shared_experts/(gate_proj|up_proj|down_proj)/kernel$",
-    "experts": r"language_model/layers/mlp/experts/(gate_up_proj|down_proj)$",
-    "dense_mlp": r"language_model/dense_layers/mlp/(gate_proj|up_proj|down_proj)/kernel$",
-}
 DEFAULT_TARGETS = ("attention",)
 
 
@@ -47,9 +44,10 @@ class LoRAConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise InputError(f"LoRA rank must be >= 1, got {self.rank}")
-        bad = [t for t in self.targets if t not in TARGETS]
+        bad = [t for t in self.targets if t not in LORA_GROUPS]
         if bad or not self.targets:
-            raise InputError(f"LoRA targets must be a non-empty subset of {sorted(TARGETS)}, got {list(self.targets)}")
+            raise InputError(f"LoRA targets must be a non-empty subset of {sorted(LORA_GROUPS)}, "
+                             f"got {list(self.targets)}")
 
     @property
     def scale(self) -> float:
@@ -78,16 +76,12 @@ def effective_weight(w, a, b, scale: float) -> jax.Array:
     return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
-def is_target(path: str, cfg: LoRAConfig) -> bool:
-    return any(re.search(TARGETS[t], path) for t in cfg.targets)
-
-
 def init_adapters(params: nnx.State, cfg: LoRAConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, dict]:
     """{param path: {"a": A, "b": B}} for every targeted parameter (A random, B zero)."""
     out = {}
     for i, (p, v) in enumerate(nnx.to_flat_state(params)):
         path = "/".join(map(str, p))
-        if not is_target(path, cfg):
+        if v.get_metadata().get("lora") not in cfg.targets:
             continue
         shape = v.get_value().shape
         lead, d_in, d_out = shape[:-2], shape[-2], shape[-1]

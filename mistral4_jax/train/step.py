@@ -18,6 +18,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -162,10 +163,12 @@ def init_state(trainable, tx: optax.GradientTransformation) -> dict:
     return {"trainable": trainable, "opt_state": tx.init(_f32(trainable)), "step": jnp.zeros((), jnp.int32)}
 
 
-def train_step(state, frozen, batch, *, graphdef, cfg: TrainConfig, tx):
-    """One optimizer step; returns (new state, metrics)."""
+def train_step(state, frozen, batch, pixel_values=None, image_sizes=None, *, graphdef, cfg: TrainConfig, tx):
+    """One optimizer step; returns (new state, metrics). Images of the batch: pixel_values [N, 3, H, W]
+    and image_sizes, a static tuple of (height, width) (the patch layout is built on the host)."""
+    images = None if pixel_values is None else (pixel_values, np.asarray(image_sizes))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (ce, aux, n)), grads = grad_fn(state["trainable"], frozen, batch, graphdef, cfg)
+    (loss, (ce, aux, n)), grads = grad_fn(state["trainable"], frozen, batch, graphdef, cfg, images)
     grads = _f32(grads)
     params32 = _f32(state["trainable"])
     updates, opt_state = tx.update(grads, state["opt_state"], params32)
@@ -176,15 +179,25 @@ def train_step(state, frozen, batch, *, graphdef, cfg: TrainConfig, tx):
 
 
 # ---------------------------------------------------------------------- sharding
-def _path_shardings(tree, mesh: Mesh):
-    """Each leaf sharded by the parameter rule of its path (adapters use their weight's path)."""
+def _param_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
+    """The sharding of each parameter from the logical axes it declares, as a tree like `params`."""
+    sh = shard_lib.param_shardings(params, mesh)
+    return nnx.from_flat_state([(p, v.replace(sh["/".join(map(str, p))])) for p, v in nnx.to_flat_state(params)])
 
-    def one(kp, x):
-        keys = [str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey)]  # not Variable's `.value`
-        path = next((k for k in keys if "/" in k), "/".join(keys))  # adapter dicts are keyed by param path
-        return shard_lib.param_sharding(path, tuple(x.shape), mesh)
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+def _adapter_shardings(adapters: dict[str, dict], frozen: nnx.State, mesh: Mesh) -> dict[str, dict]:
+    """A [..., in, r] is split like its weight's input side, B [..., r, out] like its output side; the
+    rank axis is replicated."""
+    axes = shard_lib.param_axes(frozen)
+
+    def one(path, ad):
+        *lead, d_in, d_out = axes[path]
+        return {"a": NamedSharding(mesh, shard_lib.param_spec(f"{path} (LoRA A)", (*lead, d_in, None),
+                                                               ad["a"].shape, mesh)),
+                "b": NamedSharding(mesh, shard_lib.param_spec(f"{path} (LoRA B)", (*lead, None, d_out),
+                                                               ad["b"].shape, mesh))}
+
+    return {path: one(path, ad) for path, ad in adapters.items()}
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
@@ -193,9 +206,11 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes) if batch_size % mesh.size == 0 else PartitionSpec())
 
 
-def state_shardings(state, tx, mesh: Mesh):
-    """Shardings of the train state: trainable leaves by rule, optimizer moments like their parameter."""
-    trainable = _path_shardings(state["trainable"], mesh)
+def state_shardings(state, tx, mesh: Mesh, frozen: nnx.State | None = None):
+    """Shardings of the train state: parameters (or, with `frozen`, LoRA adapters) by their logical
+    axes, optimizer moments like their parameter."""
+    trainable = (_param_shardings(state["trainable"], mesh) if frozen is None
+                 else _adapter_shardings(state["trainable"], frozen, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(tx, lambda _, s: s, state["opt_state"], trainable,
                                 transform_non_params=lambda _: replicated)
@@ -206,10 +221,10 @@ def compile_step(graphdef, cfg: TrainConfig, tx, mesh: Mesh | None, state, froze
     """The jitted step; with a mesh, state/batch/frozen shardings pinned and the state donated."""
     fn = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
-    st = state_shardings(state, tx, mesh)
-    fr = None if frozen is None else _path_shardings(frozen, mesh)
+        return jax.jit(fn, donate_argnums=0, static_argnums=4)
+    st = state_shardings(state, tx, mesh, frozen)
+    fr = None if frozen is None else _param_shardings(frozen, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     b = batch_sharding(mesh, cfg.batch_size)
-    return jax.jit(fn, in_shardings=(st, fr, {"input_ids": b, "attention_mask": b, "targets": b}),
-                   out_shardings=(st, replicated), donate_argnums=0)
+    return jax.jit(fn, in_shardings=(st, fr, {"input_ids": b, "attention_mask": b, "targets": b}, replicated),
+                   out_shardings=(st, replicated), donate_argnums=0, static_argnums=4)

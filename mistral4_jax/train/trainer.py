@@ -62,7 +62,7 @@ class Trainer:
         state = init_state(trainable, self.tx)
         self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
         if mesh is not None:
-            state = jax.device_put(state, state_shardings(state, self.tx, mesh))
+            state = jax.device_put(state, state_shardings(state, self.tx, mesh, self.frozen))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -115,13 +115,16 @@ class Trainer:
     # ------------------------------------------------------------------ running
     def next_batch(self) -> dict:
         b = data_lib.make_batch(self.examples, self.position, self.cfg.batch_size, self.seq_len, self.cfg.seed)
+        images = {k: b.pop(k) for k in ("pixel_values", "image_sizes") if k in b}  # not split over the batch
         if self.mesh is not None:
             b = jax.device_put(b, batch_sharding(self.mesh, self.cfg.batch_size))
-        return b
+        return {**b, **images}
 
     def train_step(self) -> dict:
         batch = self.next_batch()
-        self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+        pixels, sizes = batch.pop("pixel_values", None), batch.pop("image_sizes", None)
+        self.state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
+                                           None if sizes is None else tuple(map(tuple, sizes.tolist())))
         self.position += self.cfg.batch_size
         m = {k: float(v) for k, v in metrics.items()}
         m["step"] = self.step
@@ -161,14 +164,9 @@ class Trainer:
 
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
-    d = Path(model_dir)
-    if not any((d / f).exists() for f in ("tekken.json", "tokenizer.json")):
-        return None
-    try:
-        from ..text.tokenizer import Tokenizer
-    except ImportError:
-        return None
-    return Tokenizer.from_pretrained(d)
+    from ..text.tokenizer import Tokenizer
+
+    return Tokenizer.find(model_dir, required=False)
 
 
 def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str | os.PathLike,
