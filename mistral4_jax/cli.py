@@ -1,12 +1,30 @@
-"""The `mistral4-jax` command line. Each subcommand lives in `add_<name>` / `run_<name>` here."""
+"""The `mistral4-jax` command line. Each subcommand is an `add_<name>` / `run_<name>` pair in `COMMANDS`.
+
+Errors print one line, `mistral4-jax COMMAND: error: ...`: exit 2 when the arguments or input files are
+wrong (argparse's own errors, `UsageError`, every `Mistral4Error`), 1 when a run fails otherwise.
+SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_on_signal`, `_preimport`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+class UsageError(Exception):
+    """A bad command-line argument: printed as argparse prints its own errors, exit 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (convert's partial directory, the
+    trainer's last checkpoint) runs for it too."""
 
 
 def add_demo(sub) -> None:
@@ -33,32 +51,68 @@ def run_demo(args) -> int:
     return 0
 
 
+def _add_mesh_arg(p) -> None:
+    p.add_argument("--mesh", nargs="?", const="all", default=None, metavar="DATA,EXPERT,TENSOR",
+                   help="shard over a device mesh of this shape, e.g. 1,8,1; --mesh alone: every visible device "
+                        "on the expert axis (default: one device)")
+
+
 def _add_model_args(p) -> None:
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
-    p.add_argument("--mesh", default=None, metavar="DATA,EXPERT,TENSOR",
-                   help="shard over a device mesh of this shape, e.g. 1,8,1 (default: one device)")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF, Mistral-native or converted Orbax)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="parameter dtype (default bfloat16)")
+    p.add_argument("--weights", default=None, choices=["fp8"],
+                   help="fp8: keep attention projections, MLPs and experts as E4M3 with float32 scales (about "
+                        "half the memory of bfloat16: the released model fits one H200)")
+    _add_mesh_arg(p)
+
+
+def _mesh(spec: str | None):
+    """The mesh `--mesh` names (None: one device); says so when it leaves visible devices unused."""
+    if spec is None:
+        return None
+    import jax
+
+    from .sharding import make_mesh
+
+    n = len(jax.devices())
+    if spec == "all":
+        return make_mesh()
+    try:
+        data, expert, tensor = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise UsageError(f"--mesh must be DATA,EXPERT,TENSOR positive integers (e.g. 1,{n},1), got {spec!r}") from None
+    if min(data, expert, tensor) < 1 or data * expert * tensor > n:
+        raise UsageError(f"--mesh {spec}: {data}x{expert}x{tensor} = {data * expert * tensor} devices, but {n} "
+                         "are visible")
+    if data * expert * tensor < n:
+        print(f"note: --mesh {spec} uses {data * expert * tensor} of the {n} visible devices", file=sys.stderr)
+    return make_mesh(expert, data=data, tensor=tensor)
 
 
 def _load(args):
     from .checkpoints.load import from_pretrained
-    from .sharding import make_mesh
 
-    mesh = None
-    if args.mesh:
-        try:
-            data, expert, tensor = (int(x) for x in args.mesh.split(","))
-        except ValueError:
-            raise SystemExit(f"--mesh must be DATA,EXPERT,TENSOR integers, got {args.mesh!r}") from None
-        mesh = make_mesh(expert, data=data, tensor=tensor)
-    return from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+    return from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh), weights=args.weights)
+
+
+def _text(value: str, flag: str) -> str:
+    if not value.strip():
+        raise UsageError(f"{flag} is empty: give the text to start from")
+    return value
+
+
+def _compiling_note() -> None:
+    """One line on a terminal: the first token waits for XLA to compile the model."""
+    if sys.stderr.isatty():
+        print("compiling... (the first token waits for XLA; later calls reuse the programs)", file=sys.stderr,
+              flush=True)
 
 
 def _parse_ids(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise SystemExit(f"{what} must be comma-separated token ids, got {text!r}") from None
+        raise UsageError(f"{what} must be comma-separated token ids, got {text!r}") from None
 
 
 def _tokenizer_for(model_dir: str):
@@ -95,15 +149,20 @@ def run_generate(args) -> int:
     from .inference.generate import generate
 
     if not args.prompt and not args.ids:
-        raise SystemExit("mistral4-jax generate: give at least one --prompt TEXT or --ids ID,ID,...")
-    tok = _tokenizer_for(args.model) if args.prompt else None
-    prompts = [tok.encode(x, add_bos=True) for x in args.prompt] + [_parse_ids(x, "--ids") for x in args.ids]
+        raise UsageError("give at least one --prompt TEXT or --ids ID,ID,...")
+    texts = [_text(x, "--prompt") for x in args.prompt]
+    ids = [_parse_ids(x, "--ids") for x in args.ids]
+    if any(not x for x in ids):
+        raise UsageError("--ids is empty: give at least one token id")
+    tok = _tokenizer_for(args.model) if texts else None
+    prompts = [tok.encode(x, add_bos=True) for x in texts] + ids
     stop = None if args.stop is None else _parse_ids(args.stop, "--stop")
     model = _load(args)
 
     def print_step(step, tokens):
         print(json.dumps({"step": step, "tokens": tokens}), file=sys.stderr, flush=True)
 
+    _compiling_note()
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
@@ -144,6 +203,8 @@ def run_chat(args) -> int:
     from .inference.generate import generate
     from .text.streaming import ChatStream
 
+    if not args.image:
+        _text(args.prompt, "--prompt")
     tok = _tokenizer_for(args.model)
     messages = []
     if args.system:
@@ -164,6 +225,7 @@ def run_chat(args) -> int:
             sys.stdout.write(f"\033[2m{text}\033[0m" if color and kind == "reasoning" else text)
         sys.stdout.flush()
 
+    _compiling_note()
     t0 = time.perf_counter()
     out = generate(model, [prompt.input_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, pixel_values=prompt.pixel_values,
@@ -178,13 +240,17 @@ def run_chat(args) -> int:
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a JSONL file (log-likelihoods, perplexity); prints JSON",
-                       description="Each line of --data is {\"context\": [ids], \"continuation\": [ids]} "
-                                   "(scored: summed log-probability and whether it is the greedy "
-                                   "continuation) or {\"text\": [ids]} (sliding-window perplexity).")
+                       description="Each line of --data is {\"context\": ..., \"continuation\": ...} (scored: "
+                                   "summed log-probability and whether it is the greedy continuation) or "
+                                   "{\"text\": ...} (sliding-window perplexity). Values are token-id lists, or "
+                                   "strings encoded with the tokenizer beside the model (a text gets <s> in "
+                                   "front; a continuation is the tokens that context + continuation adds to the "
+                                   "context, as evaluation harnesses do).")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="JSONL file")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
+    p.add_argument("--window", type=int, default=None,
+                   help="perplexity window in tokens (default: 2048, or the model's context if shorter)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: window / 2)")
     p.add_argument("--expert-stats", default=None, metavar="OUT.json",
                    help="also count which experts every token of the data is routed to (per MoE layer; "
@@ -193,43 +259,88 @@ def add_eval(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
-def read_eval_data(path) -> tuple[list, list]:
-    """(requests [(line number, context, continuation)], texts [(line number, ids)]) of a JSONL file."""
+EVAL_LINES = '{"context", "continuation"} or {"text"}, as token-id lists or strings'
+
+
+def read_eval_data(path, tokenizer=None, vocab_size: int | None = None,
+                   max_len: int | None = None) -> tuple[list, list]:
+    """(requests [(line number, context ids, continuation ids)], texts [(line number, ids)]) of a JSONL file.
+
+    Strings go through `tokenizer` (an error naming the line when there is none); every error names
+    path:line. With `vocab_size` / `max_len` (the model's), ids and lengths are checked here too.
+    """
     from .errors import InputError
+    from .inputs import validate_ids
     from .jsonl import read_jsonl
 
+    def ids_of(n, key, val, context=None):
+        if isinstance(val, str):
+            if tokenizer is None:
+                raise InputError(f"{path}:{n}: {key!r} is text, but there is no tokenizer beside the model "
+                                 "(expected tekken.json or tokenizer.json): give token-id lists")
+            if key == "continuation":  # what the continuation adds to the context's tokens
+                return tokenizer.encode(context + val)[len(tokenizer.encode(context)):]
+            return tokenizer.encode(val, add_bos=True)
+        if not isinstance(val, list):
+            raise InputError(f"{path}:{n}: {key!r} must be a token-id list or a string, got {type(val).__name__}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in val):
+            raise InputError(f"{path}:{n}: {key!r} must hold integer token ids")
+        if vocab_size is not None:
+            try:
+                validate_ids(val, vocab_size, key)
+            except InputError as e:
+                raise InputError(f"{path}:{n}: {e}") from None
+        return val
+
     requests, texts = [], []
-    for n, rec in read_jsonl(path, '{"context", "continuation"} or {"text"} with token-id lists'):
+    for n, rec in read_jsonl(path, EVAL_LINES):
         if "context" in rec and "continuation" in rec:
-            requests.append((n, rec["context"], rec["continuation"]))
+            ctx, cont = rec["context"], rec["continuation"]
+            if isinstance(ctx, str) != isinstance(cont, str):
+                raise InputError(f"{path}:{n}: context and continuation must both be text or both token ids")
+            c, x = ids_of(n, "context", ctx), ids_of(n, "continuation", cont, context=ctx)
+            for key, v in (("context", c), ("continuation", x)):
+                if not v:
+                    raise InputError(f"{path}:{n}: {key!r} is empty (it needs at least one token)")
+            if max_len is not None and len(c) + len(x) - 1 > max_len:
+                raise InputError(f"{path}:{n}: context + continuation = {len(c) + len(x)} tokens; the model's "
+                                 f"context holds {max_len} + 1 (the last token is only predicted)")
+            requests.append((n, c, x))
         elif "text" in rec:
-            texts.append((n, rec["text"]))
+            ids = ids_of(n, "text", rec["text"])
+            if len(ids) < 2:
+                raise InputError(f"{path}:{n}: 'text' has {len(ids)} token(s); perplexity needs at least 2")
+            texts.append((n, ids))
         else:
-            raise InputError(f"{path}:{n}: expected {{\"context\", \"continuation\"}} or {{\"text\"}} "
-                             "with token-id lists")
+            raise InputError(f"{path}:{n}: expected {EVAL_LINES}, got the keys {sorted(rec)}")
     return requests, texts
+
+
+def _has_text(path) -> bool:
+    from .jsonl import read_jsonl
+
+    return any(isinstance(v, str) for _, rec in read_jsonl(path, EVAL_LINES) for v in rec.values())
 
 
 def run_eval(args) -> int:
     import json
     import math
 
-    from .errors import InputError
+    from .checkpoints.load import load_config
     from .inference.score import perplexity, score
 
-    requests, texts = read_eval_data(args.data)
+    t = load_config(args.model).text
+    window = min(2048, t.max_position_embeddings) if args.window is None else args.window
+    tok = _tokenizer_for(args.model) if _has_text(args.data) else None
+    requests, texts = read_eval_data(args.data, tok, t.vocab_size, t.max_position_embeddings)
     model = _load(args)
     out: dict = {}
     if requests:
-        try:
-            res = score(model, [(c, x) for _, c, x in requests], batch_size=args.batch_size)
-        except InputError as e:  # name the line, not the list index
-            raise InputError(f"{args.data}: {e} (requests are the context/continuation lines in order: "
-                             f"{[n for n, _, _ in requests][:20]})") from None
+        res = score(model, [(c, x) for _, c, x in requests], batch_size=args.batch_size)
         out["loglikelihood"] = [{"line": n, "logprob": lp, "greedy": gr} for (n, _, _), (lp, gr) in zip(requests, res)]
         out["accuracy_greedy"] = sum(gr for _, gr in res) / len(res)
     if texts:
-        per = [dict(line=n, **perplexity(model, ids, window=args.window, stride=args.stride,
+        per = [dict(line=n, **perplexity(model, ids, window=window, stride=args.stride,
                                          batch_size=args.batch_size)) for n, ids in texts]
         total_nll, total_tok = sum(p["nll"] for p in per), sum(p["tokens"] for p in per)
         out["perplexity"] = {"texts": per, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
@@ -237,8 +348,7 @@ def run_eval(args) -> int:
         from .research.expert_stats import expert_load
 
         load = expert_load(model, [c + x for _, c, x in requests] + [ids for _, ids in texts],
-                           batch_size=args.batch_size,
-                           max_len=min(args.window, model.config.text.max_position_embeddings))
+                           batch_size=args.batch_size, max_len=min(window, t.max_position_embeddings))
         path = Path(args.expert_stats)
         load.save_json(path)
         load.save_png(path.with_suffix(".png"))
@@ -262,7 +372,6 @@ def add_lm_eval(sub) -> None:
     p.add_argument("--limit", type=float, default=None, metavar="N",
                    help="at most N documents per task (a fraction if below 1)")
     p.add_argument("--batch-size", default="8", metavar="B", help="requests per compiled call, or auto (default 8)")
-    p.add_argument("--weights", default=None, choices=["fp8"], help="keep the large projections in FP8")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K")
     p.add_argument("--output-path", default=None, metavar="OUT.json", help="write lm-eval's results JSON here")
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in the results")
@@ -276,16 +385,13 @@ def add_lm_eval(sub) -> None:
 def run_lm_eval(args) -> int:
     import json
 
-    try:
-        from .harness import Mistral4LM
-    except ImportError as e:  # lm-eval is an optional extra
-        raise SystemExit(f"mistral4-jax lm-eval: {e}") from None
+    from .harness import Mistral4LM  # first: without the eval extra, its ImportError says what to install
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
-    lm = Mistral4LM(pretrained=args.model, dtype=args.dtype, batch_size=args.batch_size, mesh=args.mesh,
-                    weights=args.weights, reasoning_effort=args.reasoning_effort, seed=args.seed)
+    lm = Mistral4LM(pretrained=_load(args), tokenizer=_tokenizer_for(args.model), batch_size=args.batch_size,
+                    reasoning_effort=args.reasoning_effort, seed=args.seed)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
@@ -327,7 +433,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps")
-    p.add_argument("--mesh", action="store_true", help="shard over all devices (experts split, batch split)")
+    _add_mesh_arg(p)
     p.set_defaults(func=run_finetune)
 
 
@@ -341,16 +447,7 @@ def run_finetune(args) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                       clip_norm=args.clip_norm, batch_size=args.batch_size, max_len=args.max_len, remat=args.remat,
                       param_dtype=args.dtype, router_aux_weight=args.router_aux_weight, lora=lora, seed=args.seed)
-    mesh = None
-    if args.mesh:
-        from .sharding import make_mesh
-        mesh = make_mesh()
-    try:
-        finetune(args.model, args.data, args.out, cfg, mesh=mesh, save_every=args.save_every)
-    except KeyboardInterrupt:
-        print(f"interrupted: the train state is saved in {args.out}/checkpoints; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    finetune(args.model, args.data, args.out, cfg, mesh=_mesh(args.mesh), save_every=args.save_every)
     return 0
 
 
@@ -374,27 +471,142 @@ def run_convert(args) -> int:
     return run(args)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_demo(sub)
-    add_chat(sub)
-    add_generate(sub)
-    add_eval(sub)
-    add_lm_eval(sub)
-    add_finetune(sub)
-    add_convert(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from .errors import Mistral4Error
+COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_lm_eval, add_finetune, add_convert]
 
+# What an interrupted command leaves behind (the default: nothing to say).
+INTERRUPTED = {
+    "finetune": "the train state of the last finished step is saved in {out}/checkpoints; rerun the same command "
+                "to resume",
+    "convert": "nothing was written to {dst}",
+}
+
+
+_received: list[int] = []  # signals delivered to this process (the last one is re-delivered if swallowed)
+_state = {"command": None, "exit_now": False}
+
+# The modules each command imports, loaded first (jax alone takes seconds). An exception raised inside
+# a native module's initialisation aborts the process, so a signal during these imports ends it at once
+# (nothing is written yet) instead of raising.
+IMPORTS = {
+    "demo": ("mistral4_jax.demo.tiny", "mistral4_jax.train", "mistral4_jax.checkpoints.convert",
+             "mistral4_jax.inference.generate", "mistral4_jax.inference.score"),
+    "chat": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.streaming"),
+    "generate": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.tokenizer"),
+    "eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.text.tokenizer"),
+    "lm-eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.inference.generate",
+                "mistral4_jax.text.tokenizer"),
+    "finetune": ("mistral4_jax.checkpoints.load", "mistral4_jax.train", "mistral4_jax.text.tokenizer"),
+    "convert": ("mistral4_jax.checkpoints.convert", "mistral4_jax.checkpoints.orbax"),
+}
+
+
+def _preimport(command: str, program: bool) -> None:
+    import importlib
+
+    if command == "convert":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as run_convert: conversion is host work
+    _state["exit_now"] = program
     try:
+        for name in IMPORTS.get(command, ()):
+            importlib.import_module(name)
+    finally:
+        _state["exit_now"] = False
+
+
+def _on_signal(signum, frame):
+    """SIGINT / SIGTERM: silence the loggers of library threads (Orbax reports the interrupt through absl
+    with a traceback), then raise into the main thread, where every cleanup path runs."""
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    _received.append(signum)
+    if _state["exit_now"]:
+        os._exit(_interrupted(None))
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_unraisable(unraisable) -> None:
+    """An interrupt raised while a gc or weakref callback ran is swallowed by Python ("Exception
+    ignored in ..."): deliver the signal again, so that it lands in ordinary code."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+        signal.raise_signal(_received[-1])
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _interrupted(args) -> int:
+    term = _received[-1:] == [signal.SIGTERM]
+    what = "terminated" if term else "interrupted"
+    command = getattr(args, "command", None) or _state["command"]
+    note = INTERRUPTED.get(command, "").format(**vars(args)) if args is not None and command else ""
+    print(f"mistral4-jax{' ' + command if command else ''}: {what}" + (f"; {note}" if note else ""),
+          file=sys.stderr, flush=True)
+    return 143 if term else 130
+
+
+def _run(parser, argv) -> int:
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        _state["command"] = args.command
+        _preimport(args.command, program=argv is None)
         return args.func(args)
-    except Mistral4Error as e:
-        print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit:
+        raise
+    except BaseException as e:
+        from .errors import Mistral4Error
+
+        # After a signal, whatever comes out is the interrupt, however a library re-raised it (numpy
+        # turns one during its import into an ImportError, Orbax one during a save into its own error).
+        if _received or isinstance(e, KeyboardInterrupt):
+            if not _received:
+                _received.append(signal.SIGINT)
+            return _interrupted(args)
+        if not isinstance(e, Exception) or os.environ.get("MISTRAL4_JAX_TRACEBACK"):
+            raise
+        if isinstance(e, (UsageError, Mistral4Error)):
+            print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mistral4-jax {args.command}: error: {type(e).__name__}: {first} "
+              "(MISTRAL4_JAX_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def main(argv=None) -> int:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
+    parser.add_argument("--version", action="version", version=f"mistral4-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    import threading
+
+    on_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    for s, h in previous.items():
+        if h is not signal.SIG_IGN:  # a signal ignored by whoever started us (nohup, a background job) stays so
+            signal.signal(s, _on_signal)
+    _received.clear()
+    _state.update(command=None, exit_now=False)
+    hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
+    try:
+        rc = _run(parser, argv)
+    finally:
+        sys.unraisablehook = hook
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if argv is None and rc in (130, 143):
+        # A program run (not a call from Python): leave now. Interpreter teardown with XLA and Orbax
+        # threads still running can crash after an interrupt; every file is already closed or removed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -279,6 +279,132 @@ def validate(cfg: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------------- parsing
+# Keys that may be null in a config.json: the parser then takes the transformers default.
+_NULL_MEANS_DEFAULT = {
+    "text_config": {"n_group", "topk_group", "first_k_dense_replace", "num_experts_per_tok", "norm_topk_prob",
+                    "rope_interleave", "num_key_value_heads"},
+    "rope_parameters": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                        "llama_4_scaling_beta"},
+}
+
+
+def _typed(section: str, key: str, val: Any, annotation: str, problems: list[str]) -> Any:
+    """`val` as the field's type (an integral float becomes an int), or None after noting the problem.
+
+    `annotation` is the dataclass field's type as written ("int", "float | None", ...); tuple-typed
+    fields are checked where they are parsed.
+    """
+    kinds = {k.strip() for k in annotation.split("|")}
+    if val is None:
+        if "None" in kinds or key in _NULL_MEANS_DEFAULT.get(section.rsplit(".", 1)[-1], ()):
+            return None
+    elif isinstance(val, bool):
+        if "bool" in kinds:
+            return val
+    elif isinstance(val, int):
+        if "int" in kinds:
+            return val
+        if "float" in kinds:
+            return float(val)
+    elif isinstance(val, float):
+        if "float" in kinds:
+            return val
+        if "int" in kinds and val.is_integer():
+            return int(val)
+    elif isinstance(val, str) and "str" in kinds:
+        return val
+    want = " or ".join(sorted(kinds - {"None"})) + (" or null" if "None" in kinds else "")
+    if "int" in kinds and isinstance(val, float):
+        want += " (a float is accepted only when integral, e.g. 2.0)"
+    problems.append(f"{section}.{key} must be {want}, got {_json_repr(val)}")
+    return None
+
+
+def _json_repr(val: Any) -> str:
+    """The value as the file spells it, and its Python type: `"2" (str)`, `null (NoneType)`."""
+    return f"{json.dumps(val, default=repr)} ({type(val).__name__})"
+
+
+def _typed_section(d: dict, cls, section: str, problems: list[str], renames: dict[str, str] | None = None,
+                   skip=()) -> dict:
+    """A copy of `d` with every key that names a scalar field of `cls` type-checked (unknown keys kept)."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = dict(d)
+    for k, val in d.items():
+        name = (renames or {}).get(k, k)
+        if name in skip or name not in fields or "tuple" in str(fields[name]) or "Config" in str(fields[name]):
+            continue
+        out[k] = _typed(section, k, val, str(fields[name]), problems)
+    return out
+
+
+def _int_list(section: str, key: str, val: Any, problems: list[str], allow_int: bool) -> None:
+    ok = (allow_int and isinstance(val, int) and not isinstance(val, bool)) or (
+        isinstance(val, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in val))
+    if val is not None and not ok:
+        problems.append(f"{section}.{key} must be {'an int or ' if allow_int else ''}a list of ints or null, "
+                        f"got {_json_repr(val)}")
+
+
+def check_types(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """The config.json dict with every known field of the right JSON type (integral floats as ints);
+    one ConfigError lists every field that is not. Unknown keys are kept and, as for transformers,
+    mean nothing."""
+    problems: list[str] = []
+
+    def text(t: dict, section: str) -> dict:
+        t = _typed_section(t, TextConfig, section, problems)
+        _int_list(section, "eos_token_id", t.get("eos_token_id"), problems, allow_int=True)
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = t.get(key)
+            if rope is not None and not isinstance(rope, dict):
+                problems.append(f"{section}.{key} must be an object, got {_json_repr(rope)}")
+            elif rope is not None:
+                t[key] = _typed_section(rope, RopeConfig, f"{section}.{key}", problems)
+                if "partial_rotary_factor" in rope:
+                    t[key]["partial_rotary_factor"] = _typed(f"{section}.{key}", "partial_rotary_factor",
+                                                             rope["partial_rotary_factor"], "float | None", problems)
+        if "rope_theta" in t:
+            t["rope_theta"] = _typed(section, "rope_theta", t["rope_theta"], "float", problems)
+        return t
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    d = dict(d)
+    if d.get("model_type") in ("mistral4", "deepseek_v3"):
+        d = text(d, "text_config")
+    else:
+        d = _typed_section(d, ModelConfig, "config", problems, renames={"image_token_index": "image_token_id"},
+                           skip=("vision_feature_layer",))
+        _int_list("config", "vision_feature_layer", d.get("vision_feature_layer"), problems, allow_int=True)
+        for key, fn in (("text_config", lambda t: text(t, "text_config")),
+                        ("vision_config", lambda v: _typed_section(v, VisionConfig, "vision_config", problems,
+                                                                   skip=("image_size", "patch_size")))):
+            sub = d.get(key)
+            if sub is not None and not isinstance(sub, dict):
+                problems.append(f"{key} must be an object, got {_json_repr(sub)}")
+            elif sub is not None:
+                d[key] = fn(sub)
+        vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
+        for key in ("image_size", "patch_size"):
+            _int_list("vision_config", key, vision.get(key), problems, allow_int=True)
+    q = d.get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        problems.append(f"quantization_config must be an object, got {_json_repr(q)}")
+    elif q:
+        for key in ("quant_method", "activation_scheme"):
+            if key in q and not isinstance(q[key], str):
+                problems.append(f"quantization_config.{key} must be str, got {_json_repr(q[key])}")
+        _int_list("quantization_config", "weight_block_size", q.get("weight_block_size"), problems, allow_int=False)
+        mods = q.get("modules_to_not_convert")
+        if mods is not None and not (isinstance(mods, list) and all(isinstance(m, str) for m in mods)):
+            problems.append(f"quantization_config.modules_to_not_convert must be a list of str or null, "
+                            f"got {_json_repr(mods)}")
+    if problems:
+        raise ConfigError(f"{source}: wrong value type{'s' * (len(problems) > 1)}: " + "; ".join(problems))
+    return d
+
+
 def _pick(d: dict, cls, source: str, renames: dict[str, str] | None = None, skip=()) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
@@ -383,8 +509,7 @@ def _parse_quant(d: dict[str, Any] | None, source: str) -> QuantConfig | None:
 
 
 def _parse_hf(d: dict[str, Any], source: str) -> ModelConfig:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a JSON object")
+    d = check_types(d, source)
     mt = d.get("model_type")
     quant = _parse_quant(d.get("quantization_config"), source)
     if mt in ("mistral4", "deepseek_v3"):  # a text-only checkpoint (Mistral4ForCausalLM)

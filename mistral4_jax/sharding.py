@@ -53,6 +53,31 @@ def make_mesh(expert: int | None = None, *, data: int = 1, tensor: int = 1, devi
     return Mesh(np.asarray(devices[:n]).reshape(data, expert, tensor), MESH_AXES)
 
 
+def as_auto_mesh(mesh) -> Mesh | None:
+    """The mesh the model runs on: `mesh` with every axis Auto (None stays None).
+
+    `jax.make_mesh` gives Explicit axes, under which jax asks each gather (the embedding lookup) for an
+    output sharding; the parameters' declared axes already say where everything lives, so the same
+    devices and axis names as Auto axes mean the same layout. Axis names must come from MESH_AXES.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise InputError(f"mesh must be a jax.sharding.Mesh (e.g. mistral4_jax.sharding.make_mesh() or "
+                         f"jax.make_mesh((1, 8, 1), {MESH_AXES})), got {type(mesh).__name__}")
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise InputError(f"mesh axis names {tuple(mesh.axis_names)}: {unknown} are not mesh axes of this model; "
+                         f"name them from {MESH_AXES} (e.g. jax.make_mesh((1, 8, 1), {MESH_AXES}))")
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        raise InputError(f"mesh axes {tuple(mesh.axis_names)} have types {tuple(mesh.axis_types)}: pass a mesh with "
+                         "Auto or Explicit axes, not one inside shard_map (Manual)")
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of an activation; an axis that does not divide by its mesh axis stays replicated."""
     spec = []

@@ -114,3 +114,47 @@ def test_vision_heads_must_divide():
 def test_unknown_model_type_is_refused():
     with pytest.raises(ConfigError, match="model_type 'llama'"):
         ModelConfig.from_hf_dict({"model_type": "llama"})
+
+
+# ---------------------------------------------------------------------- value types
+def _tiny_dict():
+    return ModelConfig.tiny().to_hf_dict()
+
+
+def test_wrong_value_types_are_listed_in_one_error(tmp_path):
+    d = _tiny_dict()
+    d["text_config"].update(num_hidden_layers="2", rms_norm_eps=None, hidden_size=64.5, eos_token_id="2")
+    d["text_config"]["rope_parameters"]["factor"] = "4"
+    d["vision_config"]["num_hidden_layers"] = [2]
+    d["image_token_index"] = True
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_json_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: wrong value types: ") and "\n" not in msg
+    for part in ('text_config.num_hidden_layers must be int, got "2" (str)',
+                 "text_config.rms_norm_eps must be float, got null",
+                 "text_config.hidden_size must be int (a float is accepted only when integral, e.g. 2.0), got 64.5",
+                 'text_config.eos_token_id must be an int or a list of ints or null, got "2"',
+                 'text_config.rope_parameters.factor must be float, got "4"',
+                 "vision_config.num_hidden_layers must be int, got [2]",
+                 "config.image_token_index must be int, got true (bool)"):
+        assert part in msg
+    assert msg.count(" must be ") == 7
+
+
+def test_integral_floats_and_ints_for_floats_are_accepted():
+    d = _tiny_dict()
+    d["text_config"].update(num_hidden_layers=2.0, rms_norm_eps=1, n_group=None)
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.text.num_hidden_layers == 2 and type(cfg.text.num_hidden_layers) is int
+    assert cfg.text.rms_norm_eps == 1.0 and type(cfg.text.rms_norm_eps) is float
+    assert cfg.text.n_group == 1  # null: the transformers default
+
+
+def test_unknown_keys_change_nothing():
+    d = _tiny_dict()
+    d["text_config"]["not_a_field"] = "anything"
+    d["future_option"] = {"x": 1}
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict(_tiny_dict())

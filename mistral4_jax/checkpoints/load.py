@@ -453,6 +453,7 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     from . import orbax as checkpoint
     from ..model import fp8
 
+    mesh = shard_lib.as_auto_mesh(mesh)
     dtype = resolve_dtype(dtype)
     fp8.check_weights(weights)
     if checkpoint.is_orbax_dir(path):

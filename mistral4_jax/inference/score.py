@@ -111,10 +111,10 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             raise InputError(f"requests[{i}] must be a (context_ids, continuation_ids) pair")
         ctxs.append(validate_ids(r[0], t.vocab_size, f"requests[{i}].context"))
         conts.append(validate_ids(r[1], t.vocab_size, f"requests[{i}].continuation"))
-        n = len(ctxs[-1]) + len(conts[-1]) - 1  # the model reads all but the last continuation token
+        n = len(ctxs[-1]) + len(conts[-1]) - 1  # the last token is only predicted, never fed
         if n > t.max_position_embeddings:
-            raise InputError(f"requests[{i}]: context + continuation minus its last token = {n} tokens exceeds "
-                             f"the context limit max_position_embeddings = {t.max_position_embeddings}")
+            raise InputError(f"requests[{i}]: context + continuation - 1 = {n} tokens fed exceeds the context limit "
+                             f"max_position_embeddings = {t.max_position_embeddings}")
     if intervene is not None:
         if not isinstance(intervene, Intervention):
             raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
@@ -155,16 +155,18 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     return results
 
 
-def perplexity(model, tokens: Sequence[int], window: int = 2048, stride: int | None = None,
+def perplexity(model, tokens: Sequence[int], window: int | None = None, stride: int | None = None,
                batch_size: int = 8, chunk: int = DEFAULT_CHUNK) -> dict:
     """Perplexity of a long token stream with a sliding window (the transformers recipe).
 
-    Windows of `window` tokens start every `stride` tokens (default window // 2); each window scores
+    Windows of `window` tokens (default min(2048, max_position_embeddings)) start every `stride` tokens
+    (default window // 2); each window scores
     only the tokens no earlier window scored, with the rest of the window as context. Token 0 is
     context only. Returns {"nll": total negative log-likelihood, "tokens": tokens scored, "ppl"}.
     """
     t = model.config.text
     tokens = validate_ids(tokens, t.vocab_size, "tokens")
+    window = min(2048, t.max_position_embeddings) if window is None else window
     check_int("window", window, 2, t.max_position_embeddings)
     stride = window // 2 if stride is None else stride
     check_int("stride", stride, 1, window - 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from flax import nnx
 
 from ..errors import InputError
 from ..checkpoints.save import save_pretrained
+from ..sharding import as_auto_mesh
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
 from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model, state_shardings
@@ -48,6 +50,7 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, examples: list[data_lib.Example], cfg: TrainConfig,
                  out: str | os.PathLike, mesh=None, save_every: int = 100):
+        mesh = as_auto_mesh(mesh)
         self.cfg, self.examples, self.mesh, self.out = cfg, examples, mesh, Path(out)
         self.model_config = model.config
         self.seq_len = min(cfg.max_len, max(len(e.ids) for e in examples))
@@ -80,6 +83,8 @@ class Trainer:
         return {"state": self.state, "rng": jax.random.key_data(self.key)}
 
     def save(self, force: bool = False) -> None:
+        if self.step in self.manager.all_steps():  # interrupted again before the next step finished
+            return
         leaves = jax.tree.leaves(self._tree())
         meta = {"position": self.position, "seed": self.cfg.seed, "config": _run_config(self.cfg)}
         self.manager.save(self.step, args=ocp.args.Composite(
@@ -162,6 +167,22 @@ class Trainer:
         return save_pretrained(params, self.model_config, path or self.out)
 
 
+# The tokenizer and chat files beside a model, copied into the exported model so that it is complete.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "generation_config.json", "SYSTEM_PROMPT.txt")
+
+
+def copy_tokenizer(model_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Copy the tokenizer files of `model_dir` into `out`, each through a temporary name (never half-written)."""
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            tmp = Path(out) / f".{name}.partial-{os.getpid()}"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, Path(out) / name)
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model directory's tokenizer, or None (token-id data only) when it has no tokenizer files."""
     from ..text.tokenizer import Tokenizer
@@ -192,6 +213,7 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
     history = trainer.run(until=until, progress=progress)
     if trainer.step >= cfg.steps:
         trainer.export()
+        copy_tokenizer(model_dir, out)
         log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
     return history
 

@@ -1,0 +1,120 @@
+"""Ctrl-C (SIGINT) and SIGTERM at several moments of real `mistral4-jax` processes: one line on stderr,
+exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mistral4_jax.config import ModelConfig
+from mistral4_jax.demo import synthetic
+from mistral4_jax.demo.synthetic_tokenizer import write_tekken
+from mistral4_jax.text.images import ImageConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = os.environ.get("MISTRAL4_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral4_jax", "jax"))
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+       **({"JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"} if CACHE else {})}
+STEPS = 4
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sig") / "hf"
+    cfg = ModelConfig.tiny()
+    synthetic.write_checkpoint(d, cfg, fp8=True)
+    write_tekken(d, vocab_size=cfg.text.vocab_size, image_config=ImageConfig.from_model_config(cfg))
+    data = d.parent / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("The capital of France is Paris.",
+                                                                      "Beautiful is better than ugly.")))
+    return d
+
+
+class Run:
+    """A `python -m mistral4_jax ARGS` process whose stdout / stderr go to files (read while it runs)."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.out, self.err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
+        with open(self.out, "w") as o, open(self.err, "w") as e:
+            self.p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", *args], cwd=ROOT, env=ENV,
+                                      stdout=o, stderr=e)
+
+    def wait_for(self, ready, timeout=600.0):
+        t0 = time.monotonic()
+        while not ready():
+            assert self.p.poll() is None, f"exited {self.p.returncode} early:\n{self.err.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, "timed out waiting"
+            time.sleep(0.05)
+
+    def stop(self, sig) -> tuple[int, str]:
+        self.p.send_signal(sig)
+        return self.finish()
+
+    def finish(self) -> tuple[int, str]:
+        self.p.wait(timeout=600)
+        return self.p.returncode, self.err.read_text()
+
+
+def _one_clean_line(err: str, rc: int, want_rc: int, text: str):
+    assert rc == want_rc, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith(text), err[-3000:]
+
+
+def _finetune(hf, out):
+    return ["finetune", "--model", str(hf), "--data", str(hf.parent / "train.jsonl"), "--steps", str(STEPS),
+            "--save-every", "2", "--batch-size", "2", "--max-len", "32", "--out", str(out)]
+
+
+def test_interrupts_during_imports_and_convert_leave_nothing(hf, tmp_path):
+    run = Run(tmp_path, "generate", "--model", str(hf), "--prompt", "hi")
+    maps = Path(f"/proc/{run.p.pid}/maps")
+    # jaxlib's library is mapped once the command's own imports began (the CLI module imports no jax);
+    # the rest of them (flax, orbax, the package) take seconds more: the signal lands inside them
+    def imports_began() -> bool:
+        if not maps.exists():  # no /proc: one second is well inside the imports
+            time.sleep(1.0)
+            return True
+        return "jaxlib" in maps.read_text()
+
+    run.wait_for(imports_began)
+    _one_clean_line(*reversed(run.stop(signal.SIGINT)), 130, "mistral4-jax generate: interrupted")
+
+    dst = tmp_path / "converted"
+    run = Run(tmp_path, "convert", str(hf), str(dst))
+    run.wait_for(lambda: "convert: " in run.err.read_text())  # the source is open, the writes begin
+    rc, err = run.stop(signal.SIGINT)
+    _one_clean_line(err, rc, 130, f"mistral4-jax convert: interrupted; nothing was written to {dst}")
+    assert sorted(p.name for p in tmp_path.iterdir() if "converted" in p.name) == []  # no DST, no partial
+
+
+def test_finetune_interrupted_at_any_point_resumes(hf, tmp_path):
+    out = tmp_path / "ft"
+    # 1. while the model loads and the step compiles: nothing saved yet
+    run = Run(tmp_path, *_finetune(hf, out))
+    run.wait_for(lambda: "examples, sequence length" in run.out.read_text())
+    rc, err = run.stop(signal.SIGINT)
+    _one_clean_line(err, rc, 130, "mistral4-jax finetune: interrupted; the train state")
+    # 2. SIGTERM right after the step-2 checkpoint, before step 3 is done (no second save of step 2)
+    run = Run(tmp_path, *_finetune(hf, out))
+    run.wait_for(lambda: (out / "checkpoints" / "2").is_dir())
+    rc, err = run.stop(signal.SIGTERM)
+    _one_clean_line(err, rc, 143, "mistral4-jax finetune: terminated; the train state")
+    assert not (out / "config.json").exists()  # no model exported from an unfinished run
+    # 3. the same command resumes and finishes: the model directory is complete
+    run = Run(tmp_path, *_finetune(hf, out))
+    rc, err = run.finish()
+    assert rc == 0, err[-3000:]
+    assert "resumed from" in run.out.read_text()
+    steps = [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    assert {"config.json", "model.safetensors", "tekken.json"} <= {p.name for p in out.iterdir()}
+    from mistral4_jax import cli
+
+    assert cli.main(["chat", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
