@@ -358,6 +358,54 @@ def run_eval(args) -> int:
     return 0
 
 
+def add_lm_eval(sub) -> None:
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on the model; writes lm-eval's results JSON",
+                       description="Evaluates the model on EleutherAI lm-evaluation-harness tasks (pip install -e "
+                                   "\".[eval]\"): loglikelihood, loglikelihood_rolling and generate_until requests "
+                                   "with the semantics of lm-eval's HuggingFace backend (mistral4_jax.harness). "
+                                   "Prints the results table; --output-path writes the results as JSON.",
+                       epilog="example: mistral4-jax lm-eval --model /data/m4-orbax --tasks hellaswag,wikitext "
+                              "--limit 100 --output-path results.json")
+    _add_model_args(p)
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task (or group) names")
+    p.add_argument("--include-path", default=None, metavar="TASKDIR", help="a folder of extra task YAML files")
+    p.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="at most N documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", default="8", metavar="B", help="requests per compiled call, or auto (default 8)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K")
+    p.add_argument("--output-path", default=None, metavar="OUT.json", help="write lm-eval's results JSON here")
+    p.add_argument("--log-samples", action="store_true", help="keep every request and response in the results")
+    p.add_argument("--apply-chat-template", action="store_true", help="render prompts with the v15 chat template")
+    p.add_argument("--reasoning-effort", default="none", choices=["none", "high"],
+                   help="the chat template's reasoning effort (with --apply-chat-template; default none)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of requests with do_sample")
+    p.set_defaults(func=run_lm_eval)
+
+
+def run_lm_eval(args) -> int:
+    import json
+
+    from .harness import Mistral4LM  # first: without the eval extra, its ImportError says what to install
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    lm = Mistral4LM(pretrained=_load(args), tokenizer=_tokenizer_for(args.model), batch_size=args.batch_size,
+                    reasoning_effort=args.reasoning_effort, seed=args.seed)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                      log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
+                                      task_manager=TaskManager(include_path=args.include_path))
+    print(make_table(results))
+    if args.output_path:
+        path = Path(args.output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        print(f"results written to {path}", file=sys.stderr)
+    return 0
+
+
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on a JSONL dataset",
                        description="Trains with AdamW (warmup + cosine schedule, global-norm clipping) on "
@@ -423,7 +471,7 @@ def run_convert(args) -> int:
     return run(args)
 
 
-COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_finetune, add_convert]
+COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_lm_eval, add_finetune, add_convert]
 
 # What an interrupted command leaves behind (the default: nothing to say).
 INTERRUPTED = {
@@ -445,6 +493,8 @@ IMPORTS = {
     "chat": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.streaming"),
     "generate": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.generate", "mistral4_jax.text.tokenizer"),
     "eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.text.tokenizer"),
+    "lm-eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.inference.generate",
+                "mistral4_jax.text.tokenizer"),
     "finetune": ("mistral4_jax.checkpoints.load", "mistral4_jax.train", "mistral4_jax.text.tokenizer"),
     "convert": ("mistral4_jax.checkpoints.convert", "mistral4_jax.checkpoints.orbax"),
 }
