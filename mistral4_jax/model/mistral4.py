@@ -181,16 +181,16 @@ class Mistral4Attention(nnx.Module):
                                        c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, layer=None,
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, index=None,
                  hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
         """(output [B, T, hidden], cache). Without a cache: expanded attention over the T tokens
-        themselves (mask_bts [B, T, T]). With one: the tokens' latents are written into layer `layer` at
-        their positions (consecutive per row), then absorbed attention reads that layer's whole latent
-        (mask_bts [B, T, S] over cache slots)."""
+        themselves (mask_bts [B, T, T]). With one: the tokens' latents are written into the cache's
+        layer `index` at their positions (consecutive per row), then absorbed attention reads that
+        layer's whole latent (mask_bts [B, T, S] over cache slots)."""
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         if cache is None:
             return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts, hooks), None
-        cache, c_kv_bsc, k_pe_bsr = write_layer(cache, layer, c_kv, k_pe, positions_bt[:, 0])
+        cache, c_kv_bsc, k_pe_bsr = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0])
         q = self.query(x_btd, cos, sin, positions_bt)
         return self.attend_latent(q, c_kv_bsc.astype(q.dtype), k_pe_bsr.astype(q.dtype), mask_bts), cache
 
@@ -205,13 +205,13 @@ class Mistral4DecoderLayer(nnx.Module):
         else:
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, layer=None,
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, index=None,
                  hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
         """x + attn(norm(x)), then + mlp(norm(.)): (output [B, T, hidden], cache).
 
-        cache / layer: the latent cache and this layer's absolute index in it (see
+        cache / index: the latent cache and this layer's absolute index (a traced scan input; see
         `Mistral4Attention.__call__`); hooks: bound to this layer (`Hooks.at_layer`)."""
-        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, cache, layer, hooks)
+        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, cache, index, hooks)
         h = x_btd + a
         x = self.post_attention_layernorm(h)
         y = self.mlp(x, hooks) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
@@ -296,7 +296,8 @@ class Mistral4Model(nnx.Module):
                 continue
             xs = None  # the layer index is a scan input only where something needs it
             if cache is not None or hooks.active:
-                xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32), **hooks.layer_inputs(stack is self.layers)}
+                xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32),
+                      **hooks.layer_inputs(stack is self.layers)}
             carry = scan_layers(stack, carry, layer_fn, remat, xs)
         x, cache = carry
         return self.norm(x), cache
