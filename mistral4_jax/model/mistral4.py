@@ -264,6 +264,13 @@ class Mistral4Model(nnx.Module):
         self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
+    def stacks(self) -> list[tuple[nnx.Module, int, int]]:
+        """(stack, absolute index of its first layer, depth) of each layer stack, in the order they run."""
+        c = self.cfg
+        pairs = ((self.dense_layers, 0, c.first_k_dense_replace),
+                 (self.layers, c.first_k_dense_replace, c.num_moe_layers))
+        return [p for p in pairs if p[0] is not None]
+
     def rope(self, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """cos/sin [B, T, rope/2] of the text YaRN RoPE at absolute per-row positions, built once per
         forward and shared by every layer (as the reference's `rotary_emb`)."""
@@ -281,7 +288,6 @@ class Mistral4Model(nnx.Module):
         layer in the backward pass (training). mesh: keep activations batch-split between layers.
         """
         cos, sin = self.rope(positions_bt, inputs_embeds_btd.dtype)
-        c = self.cfg
 
         def layer_fn(layer, carry, xs_l=None):
             x, cache = carry
@@ -290,10 +296,7 @@ class Mistral4Model(nnx.Module):
             return constrain(x, mesh, ACT_BTD), cache
 
         carry = (hooks.embeddings(self, constrain(inputs_embeds_btd, mesh, ACT_BTD)), cache)
-        for stack, first, n in ((self.dense_layers, 0, c.first_k_dense_replace),
-                                (self.layers, c.first_k_dense_replace, c.num_moe_layers)):
-            if stack is None:
-                continue
+        for stack, first, n in self.stacks():
             xs = None  # the layer index is a scan input only where something needs it
             if cache is not None or hooks.active:
                 xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32),
