@@ -198,7 +198,7 @@ def test_interventions_compile_once_and_do_what_they_say(pair):
 
 def test_default_program_is_unchanged(pair):
     """Asking for nothing lowers to the plain program; asking for anything to a different one (so
-    this comparison can fail). bench/default_program.py compares against a checkout without probe.py."""
+    this comparison can fail). bench/default_program.py compares against a checkout from before the hooks."""
     _, jm = pair
     graphdef, state = nnx.split(jm)
     ids = jnp.asarray(_ids(2, 8, 6), jnp.int32)

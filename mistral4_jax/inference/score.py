@@ -94,7 +94,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
 
     The context needs at least one token (the first token has nothing to be predicted from).
     chunk: positions per lm_head application (memory [batch, chunk, vocab] float32; see logprobs.py).
-    Research access (probe.py): `capture` adds a third element per request, a dict of numpy arrays cut
+    Research access (model/hooks.py): `capture` adds a third element per request, a dict of numpy arrays cut
     to the request's input tokens (context + continuation minus the last token, n of them):
     hidden_states [L+1, n, H], router_logits / topk_ids / topk_weights [L_moe, n, .], attentions
     [L, heads, n, n]. `intervene` applies to every batch: expert_mask must be per layer [L_moe, E];
@@ -117,7 +117,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
                              f"max_position_embeddings = {t.max_position_embeddings}")
     if intervene is not None:
         if not isinstance(intervene, Intervention):
-            raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
+            raise InputError(f"intervene must be a mistral4_jax.Intervention, got {type(intervene).__name__}")
         if intervene.expert_mask is not None and np.ndim(intervene.expert_mask) != 2:
             raise InputError("score: intervene.expert_mask must be per layer [moe_layers, experts]; per-token "
                              f"masks do not survive batching (got shape {np.shape(intervene.expert_mask)})")
