@@ -265,14 +265,34 @@ def test_load_balancing_loss_by_arithmetic():
     assert abs(float(load_balancing_loss(balanced, jnp.asarray([1.0, 0, 0, 0]), cfg)) - 4.0) < 1e-5
 
 
+def test_remat_is_a_call_argument_that_checkpoints_each_layer_stack():
+    """TrainConfig.remat reaches the forward as an argument: the gradient's jaxpr gains one
+    `jax.checkpoint` (remat2) per scanned layer stack, with and without the router aux loss."""
+    import re
+
+    from mistral4_jax.train.step import loss_fn
+
+    batch = {k: jnp.asarray(v) for k, v in make_batch(_examples(), 0, 4, 16, 0).items()}
+    graphdef, params = nnx.split(_model(), nnx.Param)
+    stacks = (CFG.text.first_k_dense_replace > 0) + (CFG.text.num_moe_layers > 0)
+
+    def checkpoints(cfg):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, None, batch, graphdef, cfg)[0]))(params)
+        return len(re.findall(r"\bremat2\[", str(jaxpr)))
+
+    for aux in (0.0, 0.1):
+        plain = checkpoints(TrainConfig(steps=1, router_aux_weight=aux))
+        assert checkpoints(TrainConfig(steps=1, remat=True, router_aux_weight=aux)) == plain + stacks
+
+
 def test_remat_bf16_and_aux_loss_options(tmp_path):
-    from mistral4_jax.train.step import loss_fn, prepare_model
+    from mistral4_jax.train.step import loss_fn
 
     batch = {k: jnp.asarray(v) for k, v in make_batch(_examples(), 0, 4, 16, 0).items()}
     grads = []
     for remat in (False, True):
         cfg = TrainConfig(steps=1, remat=remat, router_aux_weight=0.1)
-        graphdef, params = nnx.split(prepare_model(_model(), cfg), nnx.Param)
+        graphdef, params = nnx.split(_model(), nnx.Param)
         (loss, (ce, aux, _)), g = jax.jit(jax.value_and_grad(
             lambda p: loss_fn(p, None, batch, graphdef, cfg), has_aux=True))(params)
         assert 2.0 <= float(aux) <= 8.0  # between top_k (balanced) and E (collapsed)

@@ -55,7 +55,7 @@ def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt
                         chunk=DEFAULT_CHUNK):
     """As `_score_batch`, plus the `ForwardOutput` of the captures (its logits None: nothing reads them)."""
     model = nnx.merge(graphdef, state)
-    h, out = model.final_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
+    h, out = model.probe_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
     lp, top = target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk)
     return continuation_sums(lp, top, weights_bt), out
 
@@ -94,7 +94,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
 
     The context needs at least one token (the first token has nothing to be predicted from).
     chunk: positions per lm_head application (memory [batch, chunk, vocab] float32; see logprobs.py).
-    Research access (probe.py): `capture` adds a third element per request, a dict of numpy arrays cut
+    Research access (model/hooks.py): `capture` adds a third element per request, a dict of numpy arrays cut
     to the request's input tokens (context + continuation minus the last token, n of them):
     hidden_states [L+1, n, H], router_logits / topk_ids / topk_weights [L_moe, n, .], attentions
     [L, heads, n, n]. `intervene` applies to every batch: expert_mask must be per layer [L_moe, E];
@@ -117,7 +117,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
                              f"max_position_embeddings = {t.max_position_embeddings}")
     if intervene is not None:
         if not isinstance(intervene, Intervention):
-            raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
+            raise InputError(f"intervene must be a mistral4_jax.Intervention, got {type(intervene).__name__}")
         if intervene.expert_mask is not None and np.ndim(intervene.expert_mask) != 2:
             raise InputError("score: intervene.expert_mask must be per layer [moe_layers, experts]; per-token "
                              f"masks do not survive batching (got shape {np.shape(intervene.expert_mask)})")
