@@ -1,0 +1,198 @@
+"""Blockwise attention (model/attention.py) against the materialised reference path (ops.py).
+
+Both fp32 paths are compared with an exact float64 computation (torch autograd), and with each other.
+Tolerances are the forward error bound of fp32 sums: a sum of n terms is off by at most
+gamma_n * sum|terms|, gamma_n ~ n * u with u = 2^-24; the chain here is a D-term score dot product
+(error amplified by exp into the probabilities), an S-term softmax sum and an S-term weighted sum.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mistral4_jax.model import attention as A
+from mistral4_jax.model import ops
+
+U32 = 2.0**-24
+SCALE = 0.3
+
+
+def _bound(d: int, s: int, scores_abs: float, magnitude: float) -> float:
+    """gamma bound for softmax(q.k * scale) @ v computed twice in fp32 in different orders: each score
+    is off by <= d u |scores| (so each probability by that relatively), each sum by <= s u; two
+    computations can each be off by that much."""
+    return 2 * (d * U32 * scores_abs + 2 * s * U32) * magnitude
+
+
+def _exact(q, k, v, mask, scale, cot):
+    """float64 values and gradients (of sum(out * cot)) with torch autograd."""
+    q64, k64, v64 = (torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    s = torch.einsum("bthd,bshd->bhts", q64, k64) * scale
+    m = torch.tensor(np.asarray(mask))[:, None]
+    s = s.masked_fill(~m, -torch.inf)
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # rows with no allowed key: zeros
+    out = torch.einsum("bhts,bshd->bthd", p, v64)
+    (out * torch.tensor(np.asarray(cot), dtype=torch.float64)).sum().backward()
+    return out.detach().numpy(), [x.grad.numpy() for x in (q64, k64, v64)], float(s.detach()[m.expand_as(s)].abs().max())
+
+
+def _inputs(rng, b, t, s, h, d, dv):
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return f(b, t, h, d), f(b, s, h, d), f(b, s, h, dv), f(b, t, h, dv)
+
+
+# Rows: plain causal; right padding; left padding with an offset; positions past 8192 (the
+# original_max_position_embeddings of the release), one row shifted; queries a suffix of the keys.
+CASES = {
+    "causal": dict(t=48, s=48, q_off=(0, 0), k_off=(0, 0), valid=(48, 48), left=False),
+    "right_padding": dict(t=48, s=48, q_off=(0, 0), k_off=(0, 0), valid=(48, 19), left=False),
+    "left_padding": dict(t=40, s=40, q_off=(0, 3), k_off=(0, 3), valid=(40, 25), left=True),
+    "past_original_max": dict(t=44, s=44, q_off=(8170, 8150), k_off=(8170, 8150), valid=(44, 44), left=False),
+    "query_suffix": dict(t=16, s=56, q_off=(40, 40), k_off=(0, 0), valid=(56, 50), left=False),
+}
+
+
+def _case(name):
+    c = CASES[name]
+    q_pos = np.stack([np.arange(c["t"]) + o for o in c["q_off"]])
+    k_pos = np.stack([np.arange(c["s"]) + o for o in c["k_off"]])
+    ar = np.arange(c["s"])
+    valid = np.stack([(ar >= c["s"] - n) if c["left"] else (ar < n) for n in c["valid"]])
+    return jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32), jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blockwise_equals_reference_values_and_gradients(name):
+    q_pos, k_pos, valid = _case(name)
+    b, t, s, h, d, dv = 2, q_pos.shape[1], k_pos.shape[1], 3, 16, 8
+    q, k, v, cot = _inputs(np.random.default_rng(0), b, t, s, h, d, dv)
+    mask = ops.causal_mask(q_pos, k_pos, valid)
+    want, want_grads, s_abs = _exact(q, k, v, mask, SCALE, cot)
+
+    def ref(q, k, v):
+        return ops.attention(q, k, v, mask, SCALE)
+
+    def new(q, k, v):  # small blocks: several key blocks, a partial last block, skipped blocks
+        return A.blockwise_attention(q, k, v, q_pos, k_pos, valid, SCALE, block_q=16, block_k=8)
+
+    def grads(f):
+        return jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+
+    tol = _bound(d, s, s_abs, float(np.abs(np.asarray(v)).max()))
+    for got in (ref(q, k, v), new(q, k, v)):
+        assert np.abs(np.asarray(got) - want).max() <= tol
+    assert np.abs(np.asarray(new(q, k, v)) - np.asarray(ref(q, k, v))).max() <= tol
+    for g_ref, g_new, g_want in zip(grads(ref), grads(new), want_grads):
+        # the gradient chain has one more sum over S (or T) terms of the same kind
+        g_tol = _bound(d, s + t, s_abs, float(np.abs(g_want).max()) + tol) * 2
+        assert np.abs(np.asarray(g_new) - g_want).max() <= g_tol
+        assert np.abs(np.asarray(g_ref) - g_want).max() <= g_tol
+        assert np.abs(np.asarray(g_new) - np.asarray(g_ref)).max() <= g_tol
+
+
+def test_rows_with_no_allowed_key_are_zero_with_zero_gradient():
+    q, k, v, cot = _inputs(np.random.default_rng(1), 1, 16, 16, 2, 8, 4)
+    pos = jnp.arange(16, dtype=jnp.int32)[None]
+    valid = jnp.zeros((1, 16), bool)
+    out = A.blockwise_attention(q, k, v, pos, pos, valid, SCALE, block_q=8, block_k=8)
+    assert np.all(np.asarray(out) == 0)
+    g = jax.grad(lambda q, k, v: jnp.sum(A.blockwise_attention(q, k, v, pos, pos, valid, SCALE) * cot),
+                 argnums=(0, 1, 2))(q, k, v)
+    assert all(np.all(np.isfinite(np.asarray(x))) and np.all(np.asarray(x) == 0) for x in g)
+
+
+def test_key_block_counts_skip_blocks_above_the_diagonal():
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
+    valid = jnp.ones((2, 64), bool)
+    # query block i (16 positions) reaches key position 16 i + 15: key blocks of 8 up to 2 i + 1
+    assert A.key_block_counts(pos, pos, valid, 16, 8).tolist() == [2, 4, 6, 8]
+    # a row shifted by +20 reaches further; the batch's furthest row decides the count
+    shifted = pos.at[1].add(20)
+    assert A.key_block_counts(shifted, pos, valid, 16, 8).tolist() == [5, 7, 8, 8]
+
+
+def test_blocks_above_the_diagonal_are_never_read():
+    """NaN in the values of key block 1: query block 0 (positions 0..15) must not touch it."""
+    q, k, v, _ = _inputs(np.random.default_rng(2), 1, 32, 32, 2, 8, 4)
+    v = v.at[:, 16:].set(jnp.nan)
+    pos = jnp.arange(32, dtype=jnp.int32)[None]
+    out = np.asarray(A.blockwise_attention(q, k, v, pos, pos, None, SCALE, block_q=16, block_k=16))
+    assert np.all(np.isfinite(out[:, :16])) and np.all(np.isnan(out[:, 16:]))
+
+
+# ---------------------------------------------------------------------- latent (absorbed) form
+def _latent_inputs(rng, b, t, h, n, r, c, v, s, layers):
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return f(b, t, h, n), f(b, t, h, r), f(c, h, n), f(c, h, v), f(layers, b, s, c), f(layers, b, s, r)
+
+
+@pytest.mark.parametrize("t,offsets,block_k", [(8, (0, 13), 8), (8, (24, 3), 16), (1, (36, 5), 8), (1, (0, 0), None)])
+def test_latent_attention_equals_absorbed_reference(t, offsets, block_k):
+    """Prefill chunks (t = 8) and decode steps (t = 1) at per-row offsets, read from a stacked cache
+    of 45 slots (not a multiple of the block: the last block overhangs and is masked)."""
+    b, h, n, r, c, dv, s = 2, 3, 4, 6, 8, 5, 45
+    qn, qp, w_uk, w_uv, ckv, kpe = _latent_inputs(np.random.default_rng(3), b, t, h, n, r, c, dv, s, 3)
+    q_pos = jnp.asarray(np.stack([np.arange(t) + o for o in offsets]), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    want = ops.mla_absorbed_attention(qn, qp, w_uk, w_uv, ckv[1], kpe[1], ops.causal_mask(q_pos, slots), SCALE)
+    got = A.latent_attention(qn, qp, w_uk, w_uv, ckv, kpe, q_pos, SCALE, layer=1, block_k=block_k)
+    unstacked = A.latent_attention(qn, qp, w_uk, w_uv, ckv[1], kpe[1], q_pos, SCALE, block_k=block_k)
+    q_lat_abs = float(np.abs(np.einsum("bthn,chn->bthc", qn, w_uk)).max())
+    s_abs = SCALE * (q_lat_abs * float(np.abs(ckv).max()) * c + float(np.abs(qp).max() * np.abs(kpe).max()) * r)
+    # the output is W_UV (P c): one more c-term sum over magnitudes |W_UV| |c|
+    tol = _bound(c + r, s + c, s_abs, float(np.abs(ckv).max() * np.abs(w_uv).max()) * c)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= tol
+    assert np.array_equal(np.asarray(got), np.asarray(unstacked))
+
+
+def test_latent_attention_reads_only_slots_up_to_the_last_query_position():
+    """NaN in every cache slot past the block holding the largest query position: never read."""
+    b, t, h, n, r, c, dv, s = 2, 4, 2, 4, 4, 8, 4, 64
+    qn, qp, w_uk, w_uv, ckv, kpe = _latent_inputs(np.random.default_rng(4), b, t, h, n, r, c, dv, s, 1)
+    q_pos = jnp.asarray(np.stack([np.arange(t) + 12, np.arange(t) + 4]), jnp.int32)  # largest position 15
+    ckv, kpe = ckv.at[:, :, 16:].set(jnp.nan), kpe.at[:, :, 16:].set(jnp.nan)
+    out = A.latent_attention(qn, qp, w_uk, w_uv, ckv, kpe, q_pos, SCALE, layer=0, block_k=8)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+# ---------------------------------------------------------------------- backend choice, memory
+def test_the_blockwise_fallback_is_chosen_on_cpu():
+    q = jnp.zeros((1, 16, 4, 128), jnp.bfloat16)
+    assert jax.default_backend() == "cpu"
+    assert A.choose_impl("auto", q, q, q, aligned=True) == "blockwise"
+    assert A.choose_impl("reference", q, q, q, aligned=True) == "reference"
+    with pytest.raises(ValueError, match="attention_impl"):
+        A.choose_impl("flash", q, q, q, aligned=True)
+
+
+def test_cudnn_eligibility():
+    qk, v = (1, 16, 4, 128), (1, 16, 4, 128)
+    assert A.cudnn_eligible("gpu", qk, qk, v, jnp.bfloat16, aligned=True)
+    assert not A.cudnn_eligible("cpu", qk, qk, v, jnp.bfloat16, aligned=True)
+    assert not A.cudnn_eligible("gpu", qk, qk, v, jnp.bfloat16, aligned=False)  # offsets or left padding
+    assert not A.cudnn_eligible("gpu", qk, qk, v, jnp.float32, aligned=True)
+    assert not A.cudnn_eligible("gpu", (1, 16, 4, 192), (1, 16, 4, 192), v, jnp.bfloat16, aligned=True)
+    assert not A.cudnn_eligible("gpu", qk, (1, 32, 4, 128), (1, 32, 4, 128), jnp.bfloat16, aligned=True)
+
+
+def _temp_bytes(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_forward_and_gradient_memory_grow_linearly():
+    """Compile-time temp memory of the value and gradient at T = 4k and 16k: x4 tokens, <= x4.5 memory.
+    (The materialised form needs 16k^2 * 4 heads * 4 bytes = 4 GiB of scores at 16k.)"""
+
+    def loss(q, k, v, pos):
+        return jnp.sum(A.blockwise_attention(q, k, v, pos, pos, None, SCALE))
+
+    temps = {}
+    for t in (4096, 16384):
+        x = jax.ShapeDtypeStruct((1, t, 4, 32), jnp.float32)
+        pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        temps[t] = (_temp_bytes(loss, x, x, x, pos), _temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, pos))
+    assert temps[16384][0] <= 4.5 * temps[4096][0]
+    assert temps[16384][1] <= 4.5 * temps[4096][1]
+    assert temps[16384][1] < 16384**2 * 4 * 4 / 8  # far below one materialised score matrix
