@@ -159,22 +159,36 @@ def test_latent_attention_reads_only_slots_up_to_the_last_query_position():
 
 # ---------------------------------------------------------------------- backend choice, memory
 def test_the_blockwise_fallback_is_chosen_on_cpu():
-    q = jnp.zeros((1, 16, 4, 128), jnp.bfloat16)
+    q = jnp.zeros((1, 16, 4, 128), jnp.bfloat16)  # shapes cuDNN takes on a GPU
     assert jax.default_backend() == "cpu"
-    assert A.choose_impl("auto", q, q, q, aligned=True) == "blockwise"
-    assert A.choose_impl("reference", q, q, q, aligned=True) == "reference"
+    assert A.choose_impl("auto", q, q, q) == "blockwise"
+    assert A.choose_impl("reference", q, q, q) == "reference"
     with pytest.raises(ValueError, match="attention_impl"):
-        A.choose_impl("flash", q, q, q, aligned=True)
+        A.choose_impl("flash", q, q, q)
+    # and "auto" computes what the blockwise path computes
+    q, k, v, _ = _inputs(np.random.default_rng(5), 1, 24, 24, 2, 8, 4)
+    pos = jnp.arange(24, dtype=jnp.int32)[None]
+    assert np.array_equal(np.asarray(A.expanded_attention(q, k, v, pos, pos, None, SCALE, "auto")),
+                          np.asarray(A.blockwise_attention(q, k, v, pos, pos, None, SCALE)))
 
 
 def test_cudnn_eligibility():
     qk, v = (1, 16, 4, 128), (1, 16, 4, 128)
-    assert A.cudnn_eligible("gpu", qk, qk, v, jnp.bfloat16, aligned=True)
-    assert not A.cudnn_eligible("cpu", qk, qk, v, jnp.bfloat16, aligned=True)
-    assert not A.cudnn_eligible("gpu", qk, qk, v, jnp.bfloat16, aligned=False)  # offsets or left padding
-    assert not A.cudnn_eligible("gpu", qk, qk, v, jnp.float32, aligned=True)
-    assert not A.cudnn_eligible("gpu", (1, 16, 4, 192), (1, 16, 4, 192), v, jnp.bfloat16, aligned=True)
-    assert not A.cudnn_eligible("gpu", qk, (1, 32, 4, 128), (1, 32, 4, 128), jnp.bfloat16, aligned=True)
+    assert A.cudnn_eligible("gpu", qk, qk, v, jnp.bfloat16)
+    assert not A.cudnn_eligible("cpu", qk, qk, v, jnp.bfloat16)
+    assert not A.cudnn_eligible("gpu", qk, qk, v, jnp.float32)
+    assert not A.cudnn_eligible("gpu", (1, 16, 4, 192), (1, 16, 4, 192), v, jnp.bfloat16)
+    assert not A.cudnn_eligible("gpu", qk, (1, 32, 4, 128), (1, 32, 4, 128), jnp.bfloat16)
+
+
+def test_cudnn_mask_form():
+    """cuDNN's causal mask with key lengths is only the default positions with right padding."""
+    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    right = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3], bool)
+    left = jnp.asarray([[1] * 8, [0] * 3 + [1] * 5], bool)
+    assert bool(A.cudnn_mask_form(pos, pos, None)) and bool(A.cudnn_mask_form(pos, pos, right))
+    assert not bool(A.cudnn_mask_form(pos, pos, left))
+    assert not bool(A.cudnn_mask_form(pos + 1, pos + 1, right))
 
 
 def _temp_bytes(fn, *args) -> int:

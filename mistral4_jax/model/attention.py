@@ -206,41 +206,61 @@ def blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, 
 
 
 # ---------------------------------------------------------------------- backend choice (fused on GPU)
-def cudnn_eligible(backend: str, q_shape, k_shape, v_shape, dtype, aligned: bool) -> bool:
-    """Whether `jax.nn.dot_product_attention(implementation="cudnn")` can compute this attention.
-
-    Needs a GPU, a 16-bit dtype, q/k and v head dims of 128 (Mistral 4's 64 + 64 and 128), as many
-    keys as queries, and `aligned` (a static promise of the caller): positions 0..T-1 in every row and
-    padding only at the right, so the mask is cuDNN's causal mask with per-row key lengths."""
-    return (backend == "gpu" and aligned and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+def cudnn_eligible(backend: str, q_shape, k_shape, v_shape, dtype) -> bool:
+    """Whether `jax.nn.dot_product_attention(implementation="cudnn")` can compute attention of these
+    shapes: a GPU, a 16-bit dtype, q/k and v head dims of 128 (Mistral 4's 64 + 64 and 128) and as
+    many keys as queries (self-attention over the sequence)."""
+    return (backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and q_shape[-1] == 128 and v_shape[-1] == 128 and q_shape[1] == k_shape[1])
 
 
-def choose_impl(impl: str, q_bthd, k_bshd, v_bshd, aligned: bool) -> str:
-    """The implementation `expanded_attention` runs, decided at trace time: "auto" is cuDNN where
-    `cudnn_eligible`, else the blockwise path (always on CPU)."""
+def choose_impl(impl: str, q_bthd, k_bshd, v_bshd) -> str:
+    """The implementation `expanded_attention` runs, decided at trace time from the backend and the
+    shapes: "auto" is "cudnn" where `cudnn_eligible`, else "blockwise" (always on CPU)."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    ok = cudnn_eligible(jax.default_backend(), q_bthd.shape, k_bshd.shape, v_bshd.shape, q_bthd.dtype, aligned)
+    ok = cudnn_eligible(jax.default_backend(), q_bthd.shape, k_bshd.shape, v_bshd.shape, q_bthd.dtype)
     return "cudnn" if ok else "blockwise"
 
 
+def cudnn_mask_form(q_pos_bt, k_pos_bs, k_valid_bs) -> jax.Array:
+    """Scalar bool: the mask is cuDNN's (causal over positions 0..T-1 in every row, keys valid up to a
+    per-row length, i.e. right padding only). Other masks (offsets, left padding) take the blockwise
+    path at run time."""
+    ar = jnp.arange(q_pos_bt.shape[1], dtype=q_pos_bt.dtype)
+    ok = jnp.all(q_pos_bt == ar) & jnp.all(k_pos_bs == ar)
+    if k_valid_bs is not None:
+        ok &= jnp.all(k_valid_bs == (ar < jnp.sum(k_valid_bs, axis=1, keepdims=True)))
+    return ok
+
+
 def expanded_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, scale: float,
-                       impl: str = "auto", aligned: bool = False) -> jax.Array:
+                       impl: str = "auto") -> jax.Array:
     """Full-sequence attention [B, T, H, Dv] by `impl` ("auto", "blockwise" or "reference").
 
-    "reference" is the materialised `ops.attention` (O(T S) memory, the test reference and the path
-    for probability captures). aligned: see `cudnn_eligible`."""
-    which = choose_impl(impl, q_bthd, k_bshd, v_bshd, aligned)
+    "reference" is the materialised `ops.attention` (O(T S) memory: the test reference and the path
+    for probability captures). "auto" on GPU with cuDNN-eligible shapes runs the fused cuDNN kernel
+    when the mask has its form (`cudnn_mask_form`, checked at run time) and the blockwise path
+    otherwise."""
+    which = choose_impl(impl, q_bthd, k_bshd, v_bshd)
     if which == "reference":
         return ops.attention(q_bthd, k_bshd, v_bshd, ops.causal_mask(q_pos_bt, k_pos_bs, k_valid_bs), scale)
-    if which == "cudnn":
-        lengths = None if k_valid_bs is None else jnp.sum(k_valid_bs, axis=1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, scale=scale, is_causal=True,
-                                            key_value_seq_lengths=lengths, implementation="cudnn")
-    return blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, scale)
+
+    def blockwise(*args):
+        return blockwise_attention(*args, scale)
+
+    if which == "blockwise":
+        return blockwise(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs)
+
+    def cudnn(q, k, v, q_pos, k_pos, k_valid):
+        lengths = None if k_valid is None else jnp.sum(k_valid, axis=1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
+                                            implementation="cudnn").astype(v.dtype)
+
+    args = (q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs)
+    return jax.lax.cond(cudnn_mask_form(q_pos_bt, k_pos_bs, k_valid_bs), cudnn, blockwise, *args)
 
 
 # ---------------------------------------------------------------------- absorbed form against the cache
