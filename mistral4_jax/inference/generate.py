@@ -3,7 +3,7 @@
 `generate(model, prompts, ...)` validates everything on the host first (nothing is compiled for a
 bad request), pads the batch to buckets (batch size and prompt length to powers of two,
 `max_new_tokens` to a power of two) so that new sizes reuse compiled code, prefills the MLA latent
-cache in chunks (`decode.prefill`) and runs the decode loop as one `lax.while_loop` that exits as
+cache in chunks (`model.prefill`) and runs the decode loop as one `lax.while_loop` that exits as
 soon as every row has produced a stop token. Sampling parameters are traced values: changing the
 temperature, top-k, top-p, seed or stop tokens does not recompile.
 """
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..model import cache as decode
+from ..model.cache import init_cache
 from ..errors import InputError
 from ..inputs import check_image_tokens, check_int, validate_prompts
 from .batching import bucket_sizes, bucketed_images
@@ -63,7 +63,7 @@ def _generate_core(graphdef, state, embeds_btd, lens_b, active_b, cache, key, te
         out = out.at[:, i].set(jnp.where(done, -1, tok))
         return out, done | is_stop(tok)
 
-    hs, cache = decode.prefill(model, embeds_btd, cache, chunk, mesh)
+    hs, cache = model.prefill(embeds_btd, cache, chunk, mesh)
     tok = sample_rows(logits_of(hs[rows, lens_b - 1]), key, 0, temperature, top_k, top_p)
     out, done = emit(0, tok, jnp.full((b, n_new), -1, jnp.int32), ~active_b)
 
@@ -74,7 +74,7 @@ def _generate_core(graphdef, state, embeds_btd, lens_b, active_b, cache, key, te
     def body(c):
         i, tok, out, done, cache = c
         pos = (lens_b + i - 1)[:, None]  # the last emitted token sits at position len + i - 1
-        h, cache = decode.forward_cached(model, model.embed(tok[:, None]), pos, cache, mesh)
+        h, cache = model.forward_cached(model.embed(tok[:, None]), pos, cache, mesh)
         tok = sample_rows(logits_of(h[:, 0]), key, i, temperature, top_k, top_p)
         out, done = emit(i, tok, out, done)
         return i + 1, tok, out, done, cache
@@ -145,7 +145,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
         features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
     embeds = _embed(graphdef, state, to_global(ids, mesh, ("batch",)), features)
-    cache = decode.init_cache(t, b, tp + n_new, model.dtype, mesh)
+    cache = init_cache(t, b, tp + n_new, model.dtype, mesh)
     args = [to_global(x, mesh, lg) for x, lg in (
         (lens, ("batch",)), (active, ("batch",)), (np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), ()),
         (np.float32(temperature), ()), (np.int32(top_k), ()), (np.float32(top_p), ()),
