@@ -15,7 +15,12 @@ cache itself is an argument of prefill/decode, so it is not in their temporaries
 the programs at those lengths (median of --repeat timings after a warm-up).
 
     PYTHONPATH=. python bench/long_context.py [--lengths 2048 8192 32768 262144] [--run 2048] \
-        [--impl blockwise|reference|auto] [--chunk 512]
+        [--impl blockwise|reference|auto] [--chunk 512] [--dtype bfloat16|float32]
+    PYTHONPATH=. python bench/long_context.py --decode-slope 262144 --lengths 8192 65536 131072 262144 \
+        --dtype float32
+
+On CPU, XLA widens bf16 buffers that a loop slices to fp32 (a whole-buffer copy): bf16 figures there
+include such copies of the cache and the prompt; float32 (and GPU) figures do not.
 """
 
 import argparse
@@ -27,9 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral4_jax.config import ModelConfig, RopeConfig
-from mistral4_jax.model import cache as cache_mod
+from mistral4_jax.model.cache import Cache
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
-from mistral4_jax.train.step import TrainConfig, loss_fn, prepare_model
+from mistral4_jax.train.step import TrainConfig, loss_fn
 
 GiB = 2 ** 30
 
@@ -50,7 +55,7 @@ def programs(model, chunk: int):
     """name -> (jitted function, argument builder for T)."""
     graphdef, state = nnx.split(model)
     tc = TrainConfig(steps=1, max_len=2, loss_chunk=512)
-    tgd, params = nnx.split(prepare_model(model, tc), nnx.Param)
+    tgd, params = nnx.split(model, nnx.Param)
     cfg = model.config.text
 
     def ids_mask(t):
@@ -58,8 +63,8 @@ def programs(model, chunk: int):
         return ids, jax.ShapeDtypeStruct((1, t), jnp.int32)
 
     def cache_spec(t):
-        return cache_mod.Cache(jax.ShapeDtypeStruct((cfg.num_hidden_layers, 1, t, cfg.kv_lora_rank), jnp.bfloat16),
-                               jax.ShapeDtypeStruct((cfg.num_hidden_layers, 1, t, cfg.qk_rope_head_dim), jnp.bfloat16))
+        return Cache(jax.ShapeDtypeStruct((cfg.num_hidden_layers, 1, t, cfg.kv_lora_rank), model.dtype),
+                               jax.ShapeDtypeStruct((cfg.num_hidden_layers, 1, t, cfg.qk_rope_head_dim), model.dtype))
 
     def final_hidden(state, ids, mask):
         return nnx.merge(graphdef, state).final_hidden(ids, attention_mask=mask)
@@ -69,12 +74,12 @@ def programs(model, chunk: int):
         return jax.grad(lambda p: loss_fn(p, None, batch, tgd, tc)[0])(params)
 
     def prefill(state, embeds, cache):
-        return cache_mod.prefill(nnx.merge(graphdef, state), embeds, cache, min(chunk, embeds.shape[1]))
+        return nnx.merge(graphdef, state).prefill(embeds, cache, min(chunk, embeds.shape[1]))
 
     def decode(state, x, pos, cache):
-        return cache_mod.forward_cached(nnx.merge(graphdef, state), x, pos, cache)
+        return nnx.merge(graphdef, state).forward_cached(x, pos, cache)
 
-    emb = lambda t: jax.ShapeDtypeStruct((1, t, cfg.hidden_size), jnp.bfloat16)  # noqa: E731
+    emb = lambda t: jax.ShapeDtypeStruct((1, t, cfg.hidden_size), model.dtype)  # noqa: E731
     return {
         "final_hidden": (jax.jit(final_hidden), lambda t: (state, *ids_mask(t))),
         "loss+grad": (jax.jit(loss_grad), lambda t: (params, *ids_mask(t))),
@@ -95,6 +100,32 @@ def concrete(x, t):
     return jnp.zeros(x.shape, x.dtype)
 
 
+def decode_slope(progs, model, bucket: int, filled: list[int], repeat: int):
+    """Time one decode step against a `bucket`-slot cache filled to each length: the attention reads
+    the filled slots only, so time grows with the cache bytes read (the fitted slope, as bandwidth)."""
+    fn, make = progs["decode"]
+    spec = make(bucket)
+    exe = fn.lower(*spec).compile()
+    cfg = model.config.text
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize * cfg.num_hidden_layers
+    print(f"decode step against a {bucket}-slot cache: filled length, cache MB read, ms (median of {repeat})")
+    rows = []
+    for n in sorted(filled):
+        runs = []
+        for _ in range(repeat + 1):
+            a = [concrete(x, n) for x in spec]  # position n - 1: slots 0..n-1 are read
+            t0 = time.perf_counter()
+            jax.block_until_ready(exe(*a))
+            runs.append(time.perf_counter() - t0)
+        rows.append((n * per_token / 1e6, statistics.median(runs[1:]) * 1e3))
+        print(f"{n:>8} {rows[-1][0]:10.1f} {rows[-1][1]:9.2f}", flush=True)
+    if len(rows) > 1:
+        mb, ms = zip(*rows)
+        slope = statistics.linear_regression(mb, ms).slope  # ms per MB
+        print(f"slope {slope * 1e3:.3f} us/MB = {1 / slope:.1f} GB/s of cache read; "
+              f"intercept (weights, the rest of the step) {statistics.linear_regression(mb, ms).intercept:.2f} ms")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 262144])
@@ -102,14 +133,19 @@ def main():
     p.add_argument("--impl", default="", help="attention_impl (default: the config's)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", help="parameters, activations and cache")
+    p.add_argument("--decode-slope", type=int, default=0, metavar="BUCKET",
+                   help="instead: time a decode step against a BUCKET-slot cache filled to each of --lengths")
     p.add_argument("--only", nargs="*", default=None, help="a subset of the programs")
     args = p.parse_args()
     cfg = one_layer_config(max(args.lengths + args.run), args.impl)
-    model = Mistral3ForConditionalGeneration(cfg, jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = Mistral3ForConditionalGeneration(cfg, jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
     progs = programs(model, args.chunk)
+    if args.decode_slope:
+        return decode_slope(progs, model, args.decode_slope, args.lengths, args.repeat)
     names = [n for n in progs if args.only is None or n in args.only]
-    print(f"{jax.devices()[0].platform}, attention_impl {getattr(cfg.text, 'attention_impl', 'reference')}, "
-          f"1 layer, batch 1, bf16, prefill chunk {args.chunk}; compile-time temp GiB (x growth vs previous T)")
+    print(f"{jax.devices()[0].platform}, attention_impl {cfg.text.attention_impl}, "
+          f"1 layer, batch 1, {args.dtype}, prefill chunk {args.chunk}; compile-time temp GiB (x growth vs previous T)")
     print(f"{'T':>8} " + " ".join(f"{n:>20}" for n in names))
     prev = {}
     for t in sorted(set(args.lengths + args.run)):

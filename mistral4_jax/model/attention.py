@@ -183,7 +183,7 @@ def _block_size(n: int, preferred: int) -> int:
 
 
 def blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, scale: float,
-                        block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                        block_q: int | None = None, block_k: int | None = None) -> jax.Array:
     """softmax(q k^T * scale, masked) v -> [B, T, H, Dv], as `ops.attention` with
     `ops.causal_mask(q_pos, k_pos, k_valid)`, in memory linear in T and S.
 
@@ -191,13 +191,14 @@ def blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, 
     from q, k, v and the saved fp32 logsumexp [B, H, T], so neither pass keeps a [T, S] matrix.
     (`jax.checkpoint`ed blocks would not do: reverse-mode differentiation cannot go through the
     `while` loops whose run-time trip counts skip the masked blocks.) T and S are padded to
-    multiples of the block sizes; padded keys are invalid, padded queries are dropped.
+    multiples of the block sizes (default BLOCK_Q, BLOCK_K); padded keys are invalid, padded queries
+    are dropped.
     """
     b, t, _, _ = q_bthd.shape
     s = k_bshd.shape[1]
     if k_valid_bs is None:
         k_valid_bs = jnp.ones((b, s), bool)
-    bq, bk = _block_size(t, block_q), _block_size(s, block_k)
+    bq, bk = _block_size(t, block_q or BLOCK_Q), _block_size(s, block_k or BLOCK_K)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     out = _flash(_pad(q_bthd, 1, tp, 0), _pad(k_bshd, 1, sp, 0), _pad(v_bshd, 1, sp, 0),
                  _pad(q_pos_bt.astype(jnp.int32), 1, tp, _POS_MIN), _pad(k_pos_bs.astype(jnp.int32), 1, sp, _POS_MAX),
