@@ -195,6 +195,25 @@ def test_cudnn_mask_form():
     assert not bool(A.cudnn_mask_form(pos + 1, pos + 1, right))
 
 
+def test_the_cudnn_branch_computes_the_same_attention(monkeypatch):
+    """The fused branch as a GPU would take it, with jax's XLA implementation standing in for cuDNN:
+    causal with per-row key lengths equals the blockwise result where the mask has that form (right
+    padding), and other masks (left padding, offsets) fall back to the blockwise path at run time."""
+    fused = jax.nn.dot_product_attention
+    monkeypatch.setattr(A, "choose_impl", lambda *a: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **kw: fused(*a, **kw))
+    q, k, v, _ = _inputs(np.random.default_rng(7), 2, 24, 24, 2, 8, 8)
+    pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
+    ar = np.arange(24)
+    for valid, p in ((ar < np.array([[24], [15]]), pos), (ar >= np.array([[0], [9]]), pos), (ar < 24, pos + 3)):
+        valid = jnp.asarray(np.broadcast_to(valid, (2, 24)))
+        want = A.blockwise_attention(q, k, v, p, p, valid, SCALE)
+        got = A.expanded_attention(q, k, v, p, p, valid, SCALE, "auto")
+        rows = np.asarray(valid).any(1)
+        s_abs = SCALE * 8 * float(np.abs(q).max() * np.abs(k).max())  # |q.k| * scale <= d max|q| max|k| scale
+        assert np.abs(np.asarray(got) - np.asarray(want))[rows].max() <= _bound(8, 24, s_abs, float(np.abs(v).max()))
+
+
 def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
