@@ -82,6 +82,9 @@ class TextConfig:
     # "grouped" (ragged_dot), "dense" (every expert; the test reference), "gather" (selected experts' slices)
     # or "auto" (gather at small batch, grouped above; see moe.GATHER_MAX_PAIRS)
     expert_impl: str = "grouped"
+    # "auto" (cuDNN's fused attention on GPU where the shapes allow, else blockwise), "blockwise" (online
+    # softmax over key blocks, memory linear in length) or "reference" (the materialised scores)
+    attention_impl: str = "auto"
 
     @property
     def qk_head_dim(self) -> int:
@@ -261,6 +264,8 @@ def validate(cfg: ModelConfig) -> None:
     need(t.rms_norm_eps > 0, "text_config.rms_norm_eps must be positive")
     need(t.expert_impl in ("grouped", "dense", "gather", "auto"),
          f"expert_impl must be 'grouped', 'dense', 'gather' or 'auto', got {t.expert_impl!r}")
+    need(t.attention_impl in ("auto", "blockwise", "reference"),
+         f"attention_impl must be 'auto', 'blockwise' or 'reference', got {t.attention_impl!r}")
     v = cfg.vision
     if v is not None:
         need(v.hidden_size % v.num_attention_heads == 0,
@@ -542,7 +547,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     r = {k: v for k, v in r.items() if v is not None}
     r["type"] = r["rope_type"]
     text = {k: v for k, v in dataclasses.asdict(t).items()
-            if k not in ("rope", "apply_yarn_mscale", "router_softmax_fp32", "expert_impl", "eos_token_id")}
+            if k not in ("rope", "apply_yarn_mscale", "router_softmax_fp32", "expert_impl", "attention_impl",
+                         "eos_token_id")}
     text.update(model_type="mistral4", rope_parameters=r, head_dim=t.qk_head_dim,
                 eos_token_id=t.eos_token_id[0] if len(t.eos_token_id) == 1 else list(t.eos_token_id))
     out: dict[str, Any] = {}

@@ -6,7 +6,9 @@ the normalised latent c_kv (kv_lora_rank values) and the rotated shared rope key
 23,040 bytes per token in bf16. Attention against it uses the absorbed form
 (`Mistral4Attention.attend_latent`): W_UK folded into the query, W_UV applied after the softmax, so
 keys and values are never expanded per head. Prefill (`Mistral4Model.prefill`) uses the same form
-chunk by chunk: activation memory is chunk x cache length, never quadratic in the prompt.
+chunk by chunk, and the attention (`attention.latent_attention`) reads key blocks only up to the
+largest query position: activation memory is chunk x block, and work grows with the filled length,
+not the cache's size.
 
 Cache slot s of a row holds the token at absolute position s of that row. Each row has its own
 positions (rows of different lengths share one batch); a query at position p attends to slots <= p,
@@ -46,23 +48,12 @@ def cache_bytes_per_token(cfg: TextConfig, dtype) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize * cfg.num_hidden_layers
 
 
-def write_rows(cache_bsc: jax.Array, new_btc: jax.Array, start_b: jax.Array) -> jax.Array:
-    """cache[b, start[b] : start[b] + T] = new[b]: each row writes at its own offset."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache_bsc, new_btc, start_b)
-
-
-def write_layer(cache: Cache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array,
-                start_b: jax.Array) -> tuple[Cache, jax.Array, jax.Array]:
+def write_layer(cache: Cache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array, start_b: jax.Array) -> Cache:
     """Write T new tokens per row (row b at slots start[b]..) into layer `layer` (a traced index).
 
-    Returns the cache and that layer's whole latent after the write: c_kv [B, S, kv_lora_rank] and
-    k_pe [B, S, rope], which the new tokens' attention reads.
-    """
-    layers = []
-    for full, new in ((cache.c_kv, c_kv_btc), (cache.k_pe, k_pe_btr)):
-        layers.append(write_rows(jax.lax.dynamic_index_in_dim(full, layer, 0, keepdims=False),
-                                 new.astype(full.dtype), start_b))
-    ckv_l, kpe_l = layers
-    cache = Cache(jax.lax.dynamic_update_index_in_dim(cache.c_kv, ckv_l, layer, 0),
-                  jax.lax.dynamic_update_index_in_dim(cache.k_pe, kpe_l, layer, 0))
-    return cache, ckv_l, kpe_l
+    One scatter into the stacked cache, which XLA does in place: no layer of the cache is copied."""
+    b, t = c_kv_btc.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    slots = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
+    return Cache(*(full.at[layer, rows, slots].set(new.astype(full.dtype))
+                   for full, new in ((cache.c_kv, c_kv_btc), (cache.k_pe, k_pe_btr))))

@@ -98,9 +98,8 @@ class Mistral3ForConditionalGeneration(nnx.Module):
     def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, hooks: Hooks = NO_HOOKS,
                       remat: bool = False):
         """Final-norm hidden states of the text stack for a full (uncached) sequence."""
-        mask = ops.causal_mask(positions_bt, positions_bt,
-                               None if attention_mask_bt is None else attention_mask_bt.astype(bool))
-        return self.language_model(inputs_embeds_btd, positions_bt, mask, hooks=hooks, remat=remat)[0]
+        valid = None if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        return self.language_model(inputs_embeds_btd, positions_bt, valid, hooks=hooks, remat=remat)[0]
 
     def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None):
         """(final-norm hidden states [B, T, D], cache) of T new tokens per row whose embeddings (`embed`)

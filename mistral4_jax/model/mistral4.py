@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import fp8, moe, ops
+from . import attention, fp8, moe, ops
 from ..config import TextConfig
+from ..errors import InputError
 from ..sharding import ACT_BTD, constrain
 from .cache import Cache, write_layer
 from .hooks import NO_HOOKS, Hooks
@@ -47,6 +48,24 @@ class Mistral4TopkRouter(nnx.Module):
         return logits, w, idx
 
 
+# Tokens per routed-expert call at long T: the grouped path's buffers grow with the tokens of a call
+# (and ragged_dot lowers densely over experts on some backends), so long sequences run in chunks.
+EXPERT_TOKEN_CHUNK = 2048
+
+
+def over_token_chunks(fn, chunk: int, *xs_t):
+    """fn(*xs) on arrays sharing a leading token axis, `chunk` tokens at a time under `lax.map` when
+    there are more (the last chunk zero-padded, its rows dropped); one call otherwise."""
+    t = xs_t[0].shape[0]
+    if t <= chunk:
+        return fn(*xs_t)
+    n = -(-t // chunk)
+    padded = [jnp.pad(x, [(0, n * chunk - t)] + [(0, 0)] * (x.ndim - 1)).reshape(n, chunk, *x.shape[1:])
+              for x in xs_t]
+    out = jax.lax.map(lambda a: fn(*a), padded)
+    return out.reshape(n * chunk, *out.shape[2:])[:t]
+
+
 class Mistral4Experts(nnx.Module):
     """The routed experts, stacked: gate_up_proj [E, H, 2I] (gate first), down_proj [E, I, H]."""
 
@@ -59,8 +78,9 @@ class Mistral4Experts(nnx.Module):
         self.impl = cfg.expert_impl
 
     def __call__(self, x_th, weights_tk, idx_tk):
-        return moe.experts_forward(x_th, weights_tk, idx_tk, fp8.weight(self.gate_up_proj),
-                                   fp8.weight(self.down_proj), self.act, self.impl)
+        gate_up, down = fp8.weight(self.gate_up_proj), fp8.weight(self.down_proj)
+        return over_token_chunks(lambda x, w, i: moe.experts_forward(x, w, i, gate_up, down, self.act, self.impl),
+                                 EXPERT_TOKEN_CHUNK, x_th, weights_tk, idx_tk)
 
 
 class Mistral4MoE(nnx.Module):
@@ -132,9 +152,12 @@ class Mistral4Attention(nnx.Module):
         scale = ops.llama4_query_scale(positions_bt, c.rope.llama_4_scaling_beta, c.rope.original_max_position_embeddings)
         return q * scale.astype(q.dtype)[:, :, None, None]
 
-    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts, hooks: Hooks = NO_HOOKS) -> jax.Array:
+    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, positions_bt, valid_bt, hooks: Hooks = NO_HOOKS) -> jax.Array:
         """Expanded attention: the latent c_kv [B, S, kv_lora_rank] -> per-head keys [B, S, H, qk_head_dim]
-        (with the shared k_pe [B, S, rope]) and values [B, S, H, v_head_dim]; output [B, T, hidden]."""
+        (with the shared k_pe [B, S, rope]) and values [B, S, H, v_head_dim]; output [B, T, hidden].
+
+        Causal over positions_bt [B, T], keys restricted to valid_bt [B, T] (None: all), by
+        `cfg.attention_impl` (model/attention.py); probability captures take the materialised path."""
         c = self.cfg
         b, s, _ = c_kv_bsc.shape
         kv = self.kv_b_proj(c_kv_bsc).reshape(b, s, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
@@ -142,36 +165,64 @@ class Mistral4Attention(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope.shape[:3], c.qk_rope_head_dim))
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
         if hooks.attention_probs_wanted:
-            o, probs = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale, return_probs=True)
+            check_probs_size(b, c.num_attention_heads, q_bthd.shape[1], s)
+            mask = ops.causal_mask(positions_bt, positions_bt, valid_bt)
+            o, probs = ops.attention(q_bthd, k, v, mask, c.softmax_scale, return_probs=True)
             hooks.attention_probs(self, probs)
         else:
-            o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
+            o = attention.expanded_attention(q_bthd, k, v, positions_bt, positions_bt, valid_bt, c.softmax_scale,
+                                             c.attention_impl)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def attend_latent(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts) -> jax.Array:
+    def attend_latent(self, q_bthd, cache: Cache, index, positions_bt) -> jax.Array:
         """`attend` in the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after attention.
 
-        Reads the latent cache (c_kv [B, S, kv_lora_rank], k_pe [B, S, rope]) once for all heads."""
+        Reads layer `index` of the latent cache (c_kv [L, B, S, kv_lora_rank], k_pe [L, B, S, rope]) once
+        for all heads; a query at position p attends to slots <= p. The blockwise form reads only the
+        key blocks up to the largest position, straight from the stacked cache."""
         c = self.cfg
         w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads,
                                                 c.qk_nope_head_dim + c.v_head_dim)
-        o = ops.mla_absorbed_attention(q_bthd[..., : c.qk_nope_head_dim], q_bthd[..., c.qk_nope_head_dim:],
-                                       w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:],
-                                       c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
+        q_nope, q_pe = q_bthd[..., : c.qk_nope_head_dim], q_bthd[..., c.qk_nope_head_dim:]
+        w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
+        if c.attention_impl == "reference":
+            c_kv, k_pe = (jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False).astype(q_bthd.dtype)
+                          for x in cache)
+            slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions_bt.dtype), c_kv.shape[:2])
+            mask = ops.causal_mask(positions_bt, slots)
+            o = ops.mla_absorbed_attention(q_nope, q_pe, w_uk, w_uv, c_kv, k_pe, mask, c.softmax_scale)
+        else:
+            o = attention.latent_attention(q_nope, q_pe, w_uk, w_uv, cache.c_kv, cache.k_pe, positions_bt,
+                                           c.softmax_scale, layer=index)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, index=None,
+    def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
                  hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
         """(output [B, T, hidden], cache). Without a cache: expanded attention over the T tokens
-        themselves (mask_bts [B, T, T]). With one: the tokens' latents are written into the cache's
-        layer `index` at their positions (consecutive per row), then absorbed attention reads that
-        layer's whole latent (mask_bts [B, T, S] over cache slots)."""
+        themselves, causal over positions_bt, keys limited to valid_bt [B, T] (None: all). With one:
+        the tokens' latents are written into layer `index` (a traced scan input) at their positions
+        (consecutive per row), then absorbed attention reads that layer's slots up to each token's
+        position."""
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         if cache is None:
-            return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts, hooks), None
-        cache, c_kv_bsc, k_pe_bsr = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0])
-        q = self.query(x_btd, cos, sin, positions_bt)
-        return self.attend_latent(q, c_kv_bsc.astype(q.dtype), k_pe_bsr.astype(q.dtype), mask_bts), cache
+            return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, positions_bt, valid_bt,
+                               hooks), None
+        cache = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0])
+        return self.attend_latent(self.query(x_btd, cos, sin, positions_bt), cache, index, positions_bt), cache
+
+
+# The largest [B, heads, T, S] fp32 probability tensor an attention capture may build per layer.
+MAX_CAPTURED_PROBS_BYTES = 16 * 2**30
+
+
+def check_probs_size(b: int, h: int, t: int, s: int) -> None:
+    """Attention captures materialise the probabilities: refuse sizes that cannot be held."""
+    n = b * h * t * s * 4
+    if n > MAX_CAPTURED_PROBS_BYTES:
+        raise InputError(f"capture=Capture(attentions=True) materialises [batch {b}, heads {h}, {t}, {s}] fp32 "
+                         f"probabilities per layer ({n / 2**30:.1f} GiB, more than the "
+                         f"{MAX_CAPTURED_PROBS_BYTES / 2**30:.0f} GiB limit): capture attentions on a shorter "
+                         f"sequence or a smaller batch")
 
 
 class Mistral4DecoderLayer(nnx.Module):
@@ -185,13 +236,13 @@ class Mistral4DecoderLayer(nnx.Module):
         else:
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, index=None,
+    def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
                  hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
         """x + attn(norm(x)), then + mlp(norm(.)): (output [B, T, hidden], cache).
 
         cache / index: the latent cache and this layer's absolute index (a traced scan input; see
         `Mistral4Attention.__call__`); hooks: bound to this layer (`Hooks.at_layer`)."""
-        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, cache, index, hooks)
+        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, valid_bt, cache, index, hooks)
         h = x_btd + a
         x = self.post_attention_layernorm(h)
         y = self.mlp(x, hooks) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
@@ -249,12 +300,13 @@ class Mistral4Model(nnx.Module):
                                      r.original_max_position_embeddings, r.beta_fast, r.beta_slow, r.truncate)
         return ops.rope_cos_sin(positions_bt, jnp.asarray(inv_freq), self.cfg.rope_attention_factor, dtype)
 
-    def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+    def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array | None = None,
                  cache: Cache | None = None, hooks: Hooks = NO_HOOKS, remat: bool = False,
                  mesh=None) -> tuple[jax.Array, Cache | None]:
         """(final-norm hidden states [B, T, hidden], cache): the one scan driver over both stacks.
 
-        mask_bts: [B, T, T] without a cache, [B, T, S] over cache slots with one. remat: recompute each
+        valid_bt: [B, T] bool, the tokens other tokens may attend to (None: all; ignored with a cache,
+        where a token attends to the slots at or before its position). remat: recompute each
         layer in the backward pass (training). mesh: keep activations batch-split between layers.
         """
         cos, sin = self.rope(positions_bt, inputs_embeds_btd.dtype)
@@ -262,7 +314,7 @@ class Mistral4Model(nnx.Module):
         def layer_fn(layer, carry, xs_l=None):
             x, cache = carry
             index = None if xs_l is None else xs_l["index"]
-            x, cache = layer(x, cos, sin, positions_bt, mask_bts, cache, index, hooks.at_layer(xs_l))
+            x, cache = layer(x, cos, sin, positions_bt, valid_bt, cache, index, hooks.at_layer(xs_l))
             return constrain(x, mesh, ACT_BTD), cache
 
         carry = (hooks.embeddings(self, constrain(inputs_embeds_btd, mesh, ACT_BTD)), cache)
@@ -282,9 +334,7 @@ class Mistral4Model(nnx.Module):
         x_btd: input embeddings; row b's tokens sit at positions_bt[b] = p_b, p_b + 1, ..., which are
         also their cache slots. A token attends to the slots at or before its position.
         """
-        b, s = x_btd.shape[0], cache.c_kv.shape[2]
-        slots_bs = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
-        return self(x_btd, positions_bt, ops.causal_mask(positions_bt, slots_bs), cache, mesh=mesh)
+        return self(x_btd, positions_bt, None, cache, mesh=mesh)
 
     def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None) -> tuple[jax.Array, Cache]:
         """Run a right-padded prompt batch [B, T] (T a multiple of `chunk`) through the stack chunk by chunk.
