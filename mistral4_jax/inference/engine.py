@@ -38,6 +38,7 @@ MAX_STOP_TOKENS = 8  # stop ids are padded to this many so their number does not
 MAX_STOP_SEQUENCES = 8  # likewise for token-id stop sequences
 STEPS_PER_CALL = 32  # most decode steps per call (the token buffer the host reads back)
 STEPS_PER_CALL_WATCHED = 8  # ... when the host must see tokens soon: streaming, stop strings
+REFILL_PATIENCE = 4  # steps a freed slot may idle while the decode loop waits for more to free
 CPU_BATCH_CAP, DEVICE_BATCH_CAP = 32, 256  # default batch_size caps (see default_batch_size)
 CACHE_MEMORY_FRACTION = 0.5  # of the free device memory the default batch_size lets the cache take
 
@@ -109,8 +110,7 @@ def _sample(model, h_bd, mesh, sampling: Sampling, req_b, n_b):
 
 
 # ---------------------------------------------------------------------- the compiled pieces
-@partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache", "slots"))
-def _insert(graphdef, state, cache, slots: Slots, x, rows_p, starts_p, lens_p, final_p, reqs_p, limits_p,
+def _insert(graphdef, treedef, leaves, cache, slots: Slots, x, rows_p, starts_p, lens_p, final_p, reqs_p, limits_p,
             sampling: Sampling, stops: Stops, *, mesh):
     """Prefill one chunk (ids [P, c] or embeddings [P, c, D]) into cache rows rows_p at starts_p.
 
@@ -118,7 +118,7 @@ def _insert(graphdef, state, cache, slots: Slots, x, rows_p, starts_p, lens_p, f
     prompt (final_p) gets its first token, sampled at prompt position lens_p - 1, and goes live unless
     that token already ends it; the other rows stay not live until their last chunk.
     """
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     if x.ndim == 2:
         x = model.embed(x)
     p, c = x.shape[:2]
@@ -142,24 +142,25 @@ def _insert(graphdef, state, cache, slots: Slots, x, rows_p, starts_p, lens_p, f
     return cache, slots, tok, stop
 
 
-@partial(jax.jit, static_argnames=("graphdef", "k", "mesh"), donate_argnames=("cache", "slots"))
-def _decode_steps(graphdef, state, cache, slots: Slots, sampling: Sampling, stops: Stops, kill_b, n_steps,
-                  exit_when_free, *, k, mesh):
-    """Up to n_steps (<= k) decode steps over all slots; exits early once every slot is done, or, with
-    exit_when_free, once a slot that was live has finished. Returns the tokens [B, k] (-1 where a slot
-    produced none), the slots and the number of steps run."""
-    model = nnx.merge(graphdef, state)
+def _decode_steps(graphdef, treedef, leaves, cache, slots: Slots, sampling: Sampling, stops: Stops, kill_b, n_steps,
+                  refill, *, k, mesh):
+    """Up to n_steps (<= k) decode steps over all slots; exits early once every slot is done, or, when
+    refill > 0, once `refill` slots have finished or REFILL_PATIENCE steps after the first did (so
+    that one insert refills several slots, and none idles long). Returns the tokens [B, k] (-1 where
+    a slot produced none), the slots and the number of steps run."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     scratch = cache.c_kv.shape[2] - 1  # no request reaches it: inactive slots write their junk here
     slots = slots._replace(live=slots.live & ~kill_b)
     live0 = slots.live
 
     def cond(c):
-        j, s, _, _ = c
-        freed = (live0 & ~s.live).any()
-        return (j < n_steps) & s.live.any() & ~(exit_when_free & freed)
+        j, first_free, s, _, _ = c
+        freed = (live0 & ~s.live).sum()
+        refilling = (refill > 0) & ((freed >= refill) | ((freed > 0) & (j - first_free >= REFILL_PATIENCE)))
+        return (j < n_steps) & s.live.any() & ~refilling
 
     def body(c):
-        j, s, out, cache = c
+        j, first_free, s, out, cache = c
         pos = jnp.where(s.live, s.pos, scratch)
         h, cache = _forward(model, model.embed(s.tok[:, None]), pos[:, None], cache, mesh)
         new = _sample(model, h[:, 0], mesh, sampling, s.req, s.n)
@@ -169,10 +170,11 @@ def _decode_steps(graphdef, state, cache, slots: Slots, sampling: Sampling, stop
         n = s.n + live
         s = Slots(jnp.where(live, new, s.tok), s.pos + live, n, s.limit, s.req,
                   live & ~stopped(new, hist, n, s.limit, stops), hist)
-        return j + 1, s, out, cache
+        first_free = jnp.where((first_free < 0) & (live0 & ~s.live).any(), j + 1, first_free)
+        return j + 1, first_free, s, out, cache
 
     out = jnp.full((slots.live.shape[0], k), -1, jnp.int32)
-    j, slots, out, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out, cache))
+    j, _, slots, out, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(-1), slots, out, cache))
     return cache, slots, out, j
 
 
@@ -182,9 +184,30 @@ def _take_chunks(embeds_ntd, reqs_p, starts_p, *, c):
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(embeds_ntd[r], s, c, axis=0))(reqs_p, starts_p)
 
 
+class Programs(NamedTuple):
+    insert: Callable
+    decode_steps: Callable
+
+
+_programs: dict = {}
+
+
+def programs_for(graphdef, treedef) -> Programs:
+    """The two jitted pieces for one model structure, made once and kept: hashing a graphdef as a
+    static argument costs milliseconds, too much for every call of the host loop. The parameters go
+    in as a flat list of arrays (`treedef` rebuilds the state)."""
+    key = (graphdef, treedef)
+    if key not in _programs:
+        donate = ("cache", "slots")
+        _programs[key] = Programs(
+            jax.jit(partial(_insert, graphdef, treedef), static_argnames=("mesh",), donate_argnames=donate),
+            jax.jit(partial(_decode_steps, graphdef, treedef), static_argnames=("k", "mesh"), donate_argnames=donate))
+    return _programs[key]
+
+
 def compiled_programs() -> int:
     """How many programs the engine has compiled (tests check that new sizes in a bucket add none)."""
-    return _insert._cache_size() + _decode_steps._cache_size()
+    return sum(p.insert._cache_size() + p.decode_steps._cache_size() for p in _programs.values())
 
 
 # ---------------------------------------------------------------------- sizes
@@ -263,8 +286,12 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
     steps_per_call = STEPS_PER_CALL_WATCHED if watched else STEPS_PER_CALL
 
     g = partial(to_global, mesh=mesh)
+    leaves, treedef = jax.tree.flatten(state)
+    prog = programs_for(graphdef, treedef)
     cache = decode.init_cache(model.config.text, rows, cache_len, model.dtype, mesh)
     slots = Slots(*(g(a, logical=("batch",)) for a in empty_slots(rows, stops.seqs.shape[1])))
+    if mesh is None:  # committed like the programs' outputs, so later calls hit the same compiled entry
+        cache, slots = jax.device_put((cache, slots), jax.devices()[0])
     sampling = Sampling(*(g(a) for a in sampling))
     stops = Stops(*(g(a) for a in stops))
 
@@ -304,6 +331,8 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
             slot_req[s], filling[s], kill[s] = r, 0, False
         if filling:
             fill = sorted(filling)
+            # fresh prompts that fit in less than a chunk share a smaller one (fewer padded tokens)
+            c = chunk if any(filling.values()) else min(chunk, pow2(max(lens[slot_req[s]] for s in fill), 8))
             p = batch_bucket(len(fill), data)
             rows_p = np.full(p, rows, np.int32)
             rows_p[:len(fill)] = fill
@@ -312,17 +341,17 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
             starts = np.zeros(p, np.int32)
             starts[:len(fill)] = [filling[s] for s in fill]
             lens_p = np.asarray([lens[r] for r in reqs], np.int32)
-            final = (starts + chunk >= lens_p) & (rows_p < rows)
+            final = (starts + c >= lens_p) & (rows_p < rows)
             limits_p = np.asarray([limits[r] for r in reqs], np.int32)
             if ids is not None:
-                x = g(np.stack([ids[r, a:a + chunk] for r, a in zip(reqs, starts)]), logical=("batch",))
+                x = g(np.stack([ids[r, a:a + c] for r, a in zip(reqs, starts)]), logical=("batch",))
             else:
-                x = _take_chunks(embeds, g(reqs), g(starts), c=chunk)
-            cache, slots, tok, stop = _insert(
-                graphdef, state, cache, slots, x, *(g(a, logical=("batch",)) for a in (
+                x = _take_chunks(embeds, g(reqs), g(starts), c=c)
+            cache, slots, tok, stop = prog.insert(
+                leaves, cache, slots, x, *(g(a, logical=("batch",)) for a in (
                     rows_p, starts, lens_p, final, reqs, limits_p)), sampling, stops, mesh=mesh)
             for s in fill:
-                filling[s] += chunk
+                filling[s] += c
             if final.any():
                 tok, stop = np.asarray(jax.device_get(tok)), np.asarray(jax.device_get(stop))
                 started = []
@@ -336,11 +365,14 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
                     else:
                         live[s] = True
                 emit(started)
+        if free and waiting:
+            continue  # a request ended at its first token: refill its slot before decoding
         if not any(live):
             continue
         n = 1 if filling else steps_per_call  # a prompt being inserted gets its next chunk after one step
-        cache, slots, out, j = _decode_steps(graphdef, state, cache, slots, sampling, stops,
-                                             g(kill, logical=("batch",)), jnp.int32(n), jnp.bool_(bool(waiting)),
+        refill = min(len(waiting), max(1, rows // 4))  # slots to free before refilling (0: none wait)
+        cache, slots, out, j = prog.decode_steps(leaves, cache, slots, sampling, stops,
+                                             g(kill, logical=("batch",)), jnp.int32(n), jnp.int32(refill),
                                              k=STEPS_PER_CALL, mesh=mesh)
         kill[:] = False
         out, dev_live, j = (np.asarray(a) for a in jax.device_get((out, slots.live, j)))
