@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mistral4_jax.model import cache as decode
+from mistral4_jax.model.cache import cache_bytes_per_token, init_cache  # noqa: E402
 from mistral4_jax.model import fp8  # noqa: E402
 from mistral4_jax.config import ModelConfig  # noqa: E402
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration  # noqa: E402
@@ -145,7 +145,7 @@ def _decode_steps(graphdef, state, cache, tok_b, pos_b, n):
 
     def body(i, c):
         cache, tok = c
-        h, cache = decode.forward_cached(model, model.embed(tok[:, None]), (pos_b + i)[:, None], cache)
+        h, cache = model.forward_cached(model.embed(tok[:, None]), (pos_b + i)[:, None], cache)
         return cache, jnp.argmax(model.lm_head(h[:, 0]), -1).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, n, body, (cache, tok_b))
@@ -159,7 +159,7 @@ def decode_ms_per_step(model, batch: int, context: int, steps: int) -> float:
     pos = jnp.full((batch,), context, jnp.int32)
 
     def run():
-        cache = decode.init_cache(t, batch, context + steps, dtype)
+        cache = init_cache(t, batch, context + steps, dtype)
         return _decode_steps(graphdef, state, cache, tok, pos, steps)
 
     return 1e3 * best_time(run) / steps
@@ -168,7 +168,7 @@ def decode_ms_per_step(model, batch: int, context: int, steps: int) -> float:
 @partial(jax.jit, static_argnames=("chunk",))
 def _prefill(graphdef, state, ids_bt, cache, chunk):
     model = nnx.merge(graphdef, state)
-    return decode.prefill(model, model.embed(ids_bt), cache, chunk)[0][:, -1]
+    return model.prefill(model.embed(ids_bt), cache, chunk)[0][:, -1]
 
 
 def prefill_tokens_per_s(model, length: int, chunk: int) -> float:
@@ -176,7 +176,7 @@ def prefill_tokens_per_s(model, length: int, chunk: int) -> float:
     dtype = model.lm_head.kernel[...].dtype
     ids = jnp.full((1, length), 5, jnp.int32)
     chunk = min(chunk, length)
-    return length / best_time(lambda: _prefill(graphdef, state, ids, decode.init_cache(model.config.text, 1, length,
+    return length / best_time(lambda: _prefill(graphdef, state, ids, init_cache(model.config.text, 1, length,
                                                                                        dtype), chunk), repeat=2)
 
 
@@ -202,7 +202,7 @@ def decode_bytes(model, batch: int, context: int) -> float:
             total += n * min(batch, t.vocab_size) / t.vocab_size
         else:
             total += n
-    return total + batch * (context + 1) * decode.cache_bytes_per_token(t, model.lm_head.kernel[...].dtype)
+    return total + batch * (context + 1) * cache_bytes_per_token(t, model.lm_head.kernel[...].dtype)
 
 
 def prefill_flops(cfg: ModelConfig, length: int) -> float:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from mistral4_jax.config import ModelConfig
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
-from mistral4_jax.train.step import TrainConfig, loss_fn, masked_cross_entropy, prepare_model
+from mistral4_jax.train.step import TrainConfig, loss_fn, masked_cross_entropy
 
 score_mod = importlib.import_module("mistral4_jax.inference.score")  # the package exports the function `score`
 MiB = 2 ** 20
@@ -41,7 +41,7 @@ def main():
     model = Mistral3ForConditionalGeneration(cfg, jnp.float32, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     tc = TrainConfig(steps=1, loss_chunk=args.chunk)
-    tgd, params = nnx.split(prepare_model(model, tc), nnx.Param)
+    tgd, params = nnx.split(model, nnx.Param)
 
     def whole_score(state, ids, mask, targets, weights):
         logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)

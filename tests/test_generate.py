@@ -158,7 +158,7 @@ def test_compiled_decode_does_not_grow_with_depth():
     """The layer stack is one scanned body: the program for 36 layers is the program for 4."""
     from flax import nnx
 
-    from mistral4_jax.model import cache as decode
+    from mistral4_jax.model.cache import Cache
     from mistral4_jax.config import ModelConfig
     from mistral4_jax.checkpoints.load import abstract_model
 
@@ -167,9 +167,9 @@ def test_compiled_decode_does_not_grow_with_depth():
         cfg = ModelConfig.tiny(num_hidden_layers=depth)
         gd, st = nnx.split(abstract_model(cfg, jnp.float32))
         t = cfg.text
-        cache = decode.Cache(jax.ShapeDtypeStruct((depth, 2, 64, t.kv_lora_rank), jnp.float32),
+        cache = Cache(jax.ShapeDtypeStruct((depth, 2, 64, t.kv_lora_rank), jnp.float32),
                              jax.ShapeDtypeStruct((depth, 2, 64, t.qk_rope_head_dim), jnp.float32))
-        step = jax.jit(lambda s, x, p, c, gd=gd: decode.forward_cached(nnx.merge(gd, s), x, p, c))
+        step = jax.jit(lambda s, x, p, c, gd=gd: nnx.merge(gd, s).forward_cached(x, p, c))
         text = step.lower(st, jax.ShapeDtypeStruct((2, 1, t.hidden_size), jnp.float32),
                           jax.ShapeDtypeStruct((2, 1), jnp.int32), cache).as_text()
         sizes.append(len(text.replace(str(depth), "")))

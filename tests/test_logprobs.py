@@ -13,7 +13,7 @@ from mistral4_jax import InputError
 from mistral4_jax.config import ModelConfig
 from mistral4_jax.inference.logprobs import chunk_layout, target_logprobs
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
-from mistral4_jax.train.step import TrainConfig, chunked_cross_entropy, loss_fn, prepare_model
+from mistral4_jax.train.step import TrainConfig, chunked_cross_entropy, loss_fn
 
 score_mod = importlib.import_module("mistral4_jax.inference.score")  # the package exports the function `score`
 
@@ -91,7 +91,7 @@ def test_compiled_programs_hold_no_full_logits():
     assert score_temp(chunk) < full / 2
     assert score_temp(t) >= full
     tc = TrainConfig(steps=1, loss_chunk=chunk)
-    graphdef, params = nnx.split(prepare_model(model, tc), nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": ids == 0}
     grad = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, None, batch, graphdef, tc)[0]))
     assert grad.lower(params).compile().memory_analysis().temp_size_in_bytes < full / 2

@@ -70,7 +70,7 @@ def test_decoder_modules_match_reference(base):
         (x,), _, out = _capture(ref_layer.input_layernorm, run)
         assert R.rel_err(layer.input_layernorm(jnp.asarray(x.numpy())), out.numpy()) < TOL
         _, kw, out = _capture(ref_layer.self_attn, run)
-        got = layer.self_attn(jnp.asarray(kw["hidden_states"].numpy()), cos, sin, positions, mask)
+        got, _ = layer.self_attn(jnp.asarray(kw["hidden_states"].numpy()), cos, sin, positions, mask)
         assert R.rel_err(got, out[0].numpy()) < TOL, f"attention of layer {i}"
         (x,), _, out = _capture(ref_layer.mlp, run)
         assert R.rel_err(layer.mlp(jnp.asarray(x.numpy())), out.numpy()) < TOL, f"MoE of layer {i}"

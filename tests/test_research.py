@@ -1,4 +1,4 @@
-"""Research access (probe.py, expert_stats.py): captures against the transformers reference,
+"""Research access (model/hooks.py, research/expert_stats.py): captures against the transformers reference,
 interventions against hand arithmetic, compile counts, and the default program left unchanged.
 
 One tiny float32 reference model with a dense first layer (3 layers: dense, MoE, MoE).
@@ -17,7 +17,7 @@ from flax import nnx
 import reference as R
 from mistral4_jax import from_pretrained, score
 from mistral4_jax.research.expert_stats import expert_load
-from mistral4_jax.model.hooks import Capture, Intervention, ResidualPatch
+from mistral4_jax.model.hooks import Capture, ForwardOutput, Intervention, ResidualPatch
 
 TOL = 1e-5
 
@@ -79,6 +79,27 @@ def test_captures_match_reference(pair):
         assert R.rel_err(got.attentions[i], _np(a)) < TOL, f"attentions[{i}]"
     assert R.rel_err(got.logits, _np(want.logits)) < TOL
     assert not nnx.state(jm, nnx.Intermediate)  # nothing left sown on the model
+
+
+def test_entry_points_return_one_type_each(pair):
+    """`__call__` / `final_hidden` are the plain forward (an array each), `probe` / `probe_hidden` the
+    hooked one (a ForwardOutput, with or without logits), all against the reference."""
+    ref, jm = pair
+    ids = _ids(2, 12, 7)
+    with torch.no_grad():
+        want = ref(input_ids=torch.as_tensor(ids), output_hidden_states=True)
+    final = _np(want.hidden_states[-1])  # the final-norm output, as `final_hidden`
+    logits = jm(ids)
+    assert isinstance(logits, jax.Array) and R.rel_err(logits, _np(want.logits)) < TOL
+    h = jm.final_hidden(ids)
+    assert isinstance(h, jax.Array) and R.rel_err(h, final) < TOL
+    out = jm.probe(ids)  # nothing requested: logits only
+    assert isinstance(out, ForwardOutput) and out.hidden_states is None and out.router_logits is None
+    assert R.rel_err(out.logits, _np(want.logits)) < TOL
+    h, out = jm.probe_hidden(ids, capture=Capture(hidden_states=True))
+    assert out.logits is None and R.rel_err(h, final) < TOL
+    assert R.rel_err(out.hidden_states[1], _np(want.hidden_states[1])) < TOL
+    assert not nnx.state(jm, nnx.Intermediate)
 
 
 def test_score_capture_matches_reference(pair):

@@ -191,13 +191,13 @@ def test_load_balancing_loss_by_arithmetic():
 
 
 def test_remat_bf16_and_aux_loss_options(tmp_path):
-    from mistral4_jax.train.step import loss_fn, prepare_model
+    from mistral4_jax.train.step import loss_fn
 
     batch = {k: jnp.asarray(v) for k, v in make_batch(_examples(), 0, 4, 16, 0).items()}
     grads = []
     for remat in (False, True):
         cfg = TrainConfig(steps=1, remat=remat, router_aux_weight=0.1)
-        graphdef, params = nnx.split(prepare_model(_model(), cfg), nnx.Param)
+        graphdef, params = nnx.split(_model(), nnx.Param)
         (loss, (ce, aux, _)), g = jax.jit(jax.value_and_grad(
             lambda p: loss_fn(p, None, batch, graphdef, cfg), has_aux=True))(params)
         assert 2.0 <= float(aux) <= 8.0  # between top_k (balanced) and E (collapsed)

@@ -17,7 +17,6 @@ from mistral4_jax import from_pretrained
 from mistral4_jax.checkpoints.save import hf_tensors
 from mistral4_jax.train import LoRAConfig, TrainConfig, loss_fn
 from mistral4_jax.train.lora import init_adapters
-from mistral4_jax.train.step import prepare_model
 
 TOL = 1e-4
 
@@ -64,7 +63,7 @@ def setup(tmp_path_factory):
 def test_loss_and_gradients_match_torch_autograd(setup):
     want_loss, want, model, batch, images = setup
     cfg = TrainConfig(steps=1, loss_chunk=5)  # the loss's lm_head in chunks that do not divide T
-    graphdef, params = nnx.split(prepare_model(model, cfg), nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
     f = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, None, batch, graphdef, cfg, images)[0]))
     loss, grads = f(params)
     assert abs(float(loss) - want_loss) / want_loss < TOL
@@ -89,7 +88,7 @@ def test_lora_gradients_follow_from_the_reference_weight_gradient(setup):
     _, want, model, batch, images = setup
     lora = LoRAConfig(rank=3, alpha=6.0, targets=("attention", "experts", "shared_experts"))
     cfg = TrainConfig(steps=1, lora=lora)
-    graphdef, params = nnx.split(prepare_model(model, cfg), nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
     adapters = init_adapters(params, lora, jax.random.key(0))
     grads = jax.jit(jax.grad(lambda a: loss_fn(a, params, batch, graphdef, cfg, images)[0]))(adapters)
     checks = {"language_model/layers/self_attn/q_b_proj/kernel": ("model.language_model.layers.{}.self_attn.q_b_proj.weight", True),

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import InputError
-from ..model import cache as decode
+from ..model.cache import Cache, cache_bytes_per_token, init_cache
 from ..sharding import ACT_BV, constrain, to_global
 from .batching import batch_bucket, pow2
 from .sampling import sample_rows
@@ -41,11 +41,6 @@ STEPS_PER_CALL_WATCHED = 8  # ... when the host must see tokens soon: streaming,
 REFILL_PATIENCE = 4  # steps a freed slot may idle while the decode loop waits for more to free
 CPU_BATCH_CAP, DEVICE_BATCH_CAP = 32, 256  # default batch_size caps (see default_batch_size)
 CACHE_MEMORY_FRACTION = 0.5  # of the free device memory the default batch_size lets the cache take
-
-
-def _forward(model, x_btd, positions_bt, cache, mesh):
-    """The cached forward (the one place that names it)."""
-    return decode.forward_cached(model, x_btd, positions_bt, cache, mesh)
 
 
 # ---------------------------------------------------------------------- state of the slots
@@ -123,9 +118,9 @@ def _insert(graphdef, treedef, leaves, cache, slots: Slots, x, rows_p, starts_p,
         x = model.embed(x)
     p, c = x.shape[:2]
     b = slots.live.shape[0]
-    sub = decode.Cache(*(a.at[:, rows_p].get(mode="clip") for a in cache))
-    h, sub = _forward(model, x, starts_p[:, None] + jnp.arange(c, dtype=jnp.int32), sub, mesh)
-    cache = decode.Cache(*(a.at[:, rows_p].set(s, mode="drop") for a, s in zip(cache, sub)))
+    sub = Cache(*(a.at[:, rows_p].get(mode="clip") for a in cache))
+    h, sub = model.forward_cached(x, starts_p[:, None] + jnp.arange(c, dtype=jnp.int32), sub, mesh)
+    cache = Cache(*(a.at[:, rows_p].set(s, mode="drop") for a, s in zip(cache, sub)))
     last = jnp.clip(lens_p - 1 - starts_p, 0, c - 1)
     tok = _sample(model, h[jnp.arange(p), last], mesh, sampling, reqs_p, jnp.zeros_like(reqs_p))
     hist = jnp.full((p, slots.hist.shape[1]), -1, jnp.int32).at[:, -1].set(tok)
@@ -162,7 +157,7 @@ def _decode_steps(graphdef, treedef, leaves, cache, slots: Slots, sampling: Samp
     def body(c):
         j, first_free, s, out, cache = c
         pos = jnp.where(s.live, s.pos, scratch)
-        h, cache = _forward(model, model.embed(s.tok[:, None]), pos[:, None], cache, mesh)
+        h, cache = model.forward_cached(model.embed(s.tok[:, None]), pos[:, None], cache, mesh)
         new = _sample(model, h[:, 0], mesh, sampling, s.req, s.n)
         out = out.at[:, j].set(jnp.where(s.live, new, -1))
         live = s.live
@@ -232,7 +227,7 @@ def default_batch_size(model, n_prompts: int, cache_len: int, data: int = 1) -> 
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        row = decode.cache_bytes_per_token(model.config.text, model.dtype) * cache_len
+        row = cache_bytes_per_token(model.config.text, model.dtype) * cache_len
         fit = int(CACHE_MEMORY_FRACTION * free // row) * data
         if fit < 1:
             raise InputError(f"one cache row of {cache_len} tokens needs {row:,} bytes, but the device has "
@@ -288,7 +283,7 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
     g = partial(to_global, mesh=mesh)
     leaves, treedef = jax.tree.flatten(state)
     prog = programs_for(graphdef, treedef)
-    cache = decode.init_cache(model.config.text, rows, cache_len, model.dtype, mesh)
+    cache = init_cache(model.config.text, rows, cache_len, model.dtype, mesh)
     slots = Slots(*(g(a, logical=("batch",)) for a in empty_slots(rows, stops.seqs.shape[1])))
     if mesh is None:  # committed like the programs' outputs, so later calls hit the same compiled entry
         cache, slots = jax.device_put((cache, slots), jax.devices()[0])

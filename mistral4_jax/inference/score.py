@@ -55,7 +55,7 @@ def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt
                         chunk=DEFAULT_CHUNK):
     """As `_score_batch`, plus the `ForwardOutput` of the captures (its logits None: nothing reads them)."""
     model = nnx.merge(graphdef, state)
-    h, out = model.final_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
+    h, out = model.probe_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
     lp, top = target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk)
     return continuation_sums(lp, top, weights_bt), out
 

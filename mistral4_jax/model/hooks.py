@@ -1,16 +1,21 @@
 """Research access: what a forward pass captures and how it is changed (one place for both).
 
-    out = model(input_ids, capture=Capture(hidden_states=True, router=True),
-                intervene=Intervention(expert_mask=mask_le, patch=ResidualPatch.at(3, 5, v_h)))
+    out = model.probe(input_ids, capture=Capture(hidden_states=True, router=True),
+                      intervene=Intervention(expert_mask=mask_le, patch=ResidualPatch.at(3, 5, v_h)))
     out.logits, out.hidden_states, out.router_logits, out.topk_ids, out.topk_weights, out.attentions
+
+(`model(input_ids, capture=..., intervene=...)` is sugar for `model.probe`.)
 
 `Capture` is static (which arrays to return: a different request is a different program);
 `Intervention` holds arrays only, so new mask or patch values (layers, positions, experts included)
-reuse the compiled program. With neither, `model(...)` returns plain logits and compiles to exactly
-the program it compiled to before this module existed.
+reuse the compiled program.
 
-Layers sow what is requested as `nnx.Intermediate` values (the mechanism the fine-tuning aux loss
-uses); the scanned stacks return them stacked on the layer axis and `Probe.collect` pops them.
+The decoder stack calls one hook object at fixed points (`Hooks`: the embeddings, each layer's
+output, the router, the attention probabilities). The default, `NO_HOOKS`, does nothing, so
+`model(ids)` compiles to exactly the program it compiled to before hooks existed
+(`bench/default_program.py`). `Probe` is the research implementation: layers sow what is requested
+as `nnx.Intermediate` values, the scanned stacks return them stacked on the layer axis and
+`Probe.collect` pops them.
 
 Layer axes: hidden states and the residual patch points run over all L layers (plus the embeddings);
 router outputs and the expert mask over the MoE layers only (layers first_k_dense_replace..L-1), as
@@ -185,38 +190,117 @@ def check_intervention(iv: Intervention, cfg: TextConfig, batch: int, time: int)
             raise InputError(f"ResidualPatch.{name} = {a.tolist()} has values outside [0, {hi})")
 
 
-class Probe:
-    """One forward's requests, as the text stack sees them."""
+class Hooks:
+    """The hook points the decoder stack calls; this base does nothing, so an unhooked forward is the plain
+    program (nothing extra is traced). `Probe` is the research implementation.
 
-    def __init__(self, capture: Capture | None, intervene: Intervention | None, cfg: TextConfig):
+    Per-layer data (the layer index, the expert-mask slice) arrives as scan inputs: the stack asks
+    `layer_inputs` for them when `active`, and each layer runs with `at_layer(xs_l)`.
+    """
+
+    active = False  # whether the stack must pass per-layer scan inputs (the layer index) to `at_layer`
+    attention_probs_wanted = False  # whether attention must also return its probabilities
+
+    def layer_inputs(self, moe: bool) -> dict:
+        """Extra per-layer scan inputs (depth-leading arrays) for one stack, besides "index"."""
+        return {}
+
+    def at_layer(self, xs_l: dict | None) -> Hooks:
+        """The hooks bound to one layer's scan inputs."""
+        return self
+
+    def embeddings(self, model: nnx.Module, x_btd: jax.Array) -> jax.Array:
+        """The stack's input (residual point 0)."""
+        return x_btd
+
+    def layer_output(self, layer: nnx.Module, x_btd: jax.Array) -> jax.Array:
+        """A layer's output (residual point index + 1)."""
+        return x_btd
+
+    def allowed_experts(self, batch: int, time: int) -> jax.Array | None:
+        """bool [B*T, E] experts a token may be routed to (None: all)."""
+        return None
+
+    def router(self, moe: nnx.Module, logits_te: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array) -> None:
+        """The router's logits and its choice."""
+
+    def attention_probs(self, attn: nnx.Module, probs_bhts: jax.Array) -> None:
+        """Softmax probabilities [B, heads, T, S] (called only when `attention_probs_wanted`)."""
+
+
+NO_HOOKS = Hooks()
+
+
+def _sow(module: nnx.Module, name: str, value: jax.Array) -> None:
+    """Keep `value` on `module` as an `nnx.Intermediate`; the scan returns it stacked on the layer axis."""
+    setattr(module, name, nnx.Intermediate(value))
+
+
+class Probe(Hooks):
+    """One forward's `Capture` and `Intervention`, as hooks: layers sow what is captured and apply the
+    intervention; `collect` assembles the `ForwardOutput` afterwards."""
+
+    active = True
+
+    def __init__(self, capture: Capture | None, intervene: Intervention | None, cfg: TextConfig,
+                 xs_l: dict | None = None):
         self.capture = capture or Capture()
         self.intervene = intervene or Intervention()
         self.cfg = cfg
+        self.xs_l = xs_l  # this layer's scan inputs, once bound by `at_layer`
+        self.attention_probs_wanted = self.capture.attentions
 
     @classmethod
-    def make(cls, capture, intervene, cfg: TextConfig, batch: int, time: int) -> Probe | None:
-        """None when nothing is requested (the default program)."""
+    def make(cls, capture, intervene, cfg: TextConfig, batch: int, time: int) -> Probe:
         if capture is not None and not isinstance(capture, Capture):
-            raise InputError(f"capture must be a mistral4_jax.probe.Capture, got {type(capture).__name__}")
+            raise InputError(f"capture must be a mistral4_jax.model.hooks.Capture, got {type(capture).__name__}")
         if intervene is not None and not isinstance(intervene, Intervention):
-            raise InputError(f"intervene must be a mistral4_jax.probe.Intervention, got {type(intervene).__name__}")
-        if capture is None and intervene is None:
-            return None
+            raise InputError(f"intervene must be a mistral4_jax.model.hooks.Intervention, "
+                             f"got {type(intervene).__name__}")
         if intervene is not None:
             check_intervention(intervene, cfg, batch, time)
         return cls(capture, intervene, cfg)
 
     # ---------------------------------------------------------- inside the text stack
-    def patch(self, x_btd: jax.Array, point) -> jax.Array:
+    def _patch(self, x_btd: jax.Array, point) -> jax.Array:
         p = self.intervene.patch
         return x_btd if p is None else apply_patch(x_btd, p, point)
 
-    def layer_inputs(self, first: int, n: int, moe: bool) -> dict:
-        """Per-layer scan inputs of layers first..first+n-1: the layer index, the expert mask slice."""
-        xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32)}
+    def layer_inputs(self, moe: bool) -> dict:
         if moe and self.intervene.expert_mask is not None:
-            xs["expert_mask"] = jnp.asarray(self.intervene.expert_mask).astype(bool)
-        return xs
+            return {"expert_mask": jnp.asarray(self.intervene.expert_mask).astype(bool)}
+        return {}
+
+    def at_layer(self, xs_l: dict | None) -> Probe:
+        return Probe(self.capture, self.intervene, self.cfg, xs_l)
+
+    def embeddings(self, model, x_btd):
+        x = self._patch(x_btd, 0)
+        if self.capture.hidden_states:
+            _sow(model, "input_hidden_state", x)
+        return x
+
+    def layer_output(self, layer, x_btd):
+        x = self._patch(x_btd, self.xs_l["index"] + 1)
+        if self.capture.hidden_states:
+            _sow(layer, "hidden_state", x)
+        return x
+
+    def allowed_experts(self, batch, time):
+        mask = self.xs_l.get("expert_mask")
+        if mask is None:
+            return None
+        e = mask.shape[-1]
+        return jnp.broadcast_to(mask, (batch, time, e)).reshape(batch * time, e)
+
+    def router(self, moe, logits_te, weights_tk, idx_tk):
+        if self.capture.router:
+            _sow(moe, "router_logits", logits_te)
+            _sow(moe, "topk_ids", idx_tk)
+            _sow(moe, "topk_weights", weights_tk)
+
+    def attention_probs(self, attn, probs_bhts):
+        _sow(attn, "attn_probs", probs_bhts)
 
     # ---------------------------------------------------------- after the forward
     def collect(self, model: nnx.Module, logits: jax.Array, final_hidden_btd: jax.Array) -> ForwardOutput:

@@ -7,6 +7,8 @@ rename table maps both on-disk prefixes onto it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,8 @@ from . import ops
 from ..config import ModelConfig
 from ..errors import InputError
 from ..inputs import check_image_tokens, check_token_ids
-from .hooks import Capture, Intervention, Probe
+from .cache import Cache
+from .hooks import NO_HOOKS, Capture, ForwardOutput, Hooks, Intervention, Probe
 from .mistral4 import Mistral4Model, RMSNorm, linear
 from .pixtral import PatchLayout, PixtralVisionModel, patch_layout
 
@@ -49,7 +52,16 @@ class Mistral3MultiModalProjector(nnx.Module):
 
 
 class Mistral3ForConditionalGeneration(nnx.Module):
-    """The whole model. `model(input_ids, pixel_values, image_sizes)` returns logits [B, T, vocab]."""
+    """The whole model. `model(input_ids, pixel_values, image_sizes)` returns logits [B, T, vocab].
+
+    Entry points, all over the one text-stack forward (`Mistral4Model.__call__`):
+      * `__call__` -> logits, `final_hidden` -> final-norm hidden states (full sequence, no cache);
+      * `probe` -> `ForwardOutput`, `probe_hidden` -> (hidden, `ForwardOutput`): the same forward with
+        research captures / interventions (`hooks.py`); `model(ids, capture=..., intervene=...)` is
+        sugar for `model.probe(ids, ...)`;
+      * `forward_cached`, `prefill`: the cached forward generation runs (embeddings in, latent cache
+        threaded through).
+    """
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -82,11 +94,21 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         feats = image_features_md.astype(x.dtype)[slot].reshape(x.shape)
         return jnp.where(is_img.reshape(*x.shape[:2], 1), feats, x)
 
-    def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, probe: Probe | None = None):
+    def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, hooks: Hooks = NO_HOOKS,
+                      remat: bool = False):
         """Final-norm hidden states of the text stack for a full (uncached) sequence."""
         mask = ops.causal_mask(positions_bt, positions_bt,
                                None if attention_mask_bt is None else attention_mask_bt.astype(bool))
-        return self.language_model(inputs_embeds_btd, positions_bt, mask, probe)
+        return self.language_model(inputs_embeds_btd, positions_bt, mask, hooks=hooks, remat=remat)[0]
+
+    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None):
+        """(final-norm hidden states [B, T, D], cache) of T new tokens per row whose embeddings (`embed`)
+        are x_btd, at per-row consecutive positions positions_bt (also their cache slots)."""
+        return self.language_model.forward_cached(x_btd, positions_bt, cache, mesh)
+
+    def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None):
+        """(hidden states [B, T, D], filled cache) of a right-padded prompt batch, `chunk` tokens at a time."""
+        return self.language_model.prefill(embeds_btd, cache, chunk, mesh)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
@@ -96,26 +118,45 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         input_ids int [B, T]; pixel_values float [N, C, H, W] (padded as the HF processor pads);
         image_sizes int [N, 2] (height, width) of each image (host values; default: the padded
         size); attention_mask [B, T] (1 = real token; padded keys are never attended); positions
-        [B, T] (default 0..T-1). capture / intervene (research access, `probe.py`): with either, the
-        result is a `ForwardOutput` (logits plus the captured per-layer arrays) instead of logits.
+        [B, T] (default 0..T-1). capture / intervene: sugar for `self.probe(...)`, which returns a
+        `ForwardOutput` (logits plus the captured per-layer arrays) instead of logits.
         """
-        h, probe = self._trunk(input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene)
-        logits = self.lm_head(h)
-        return logits if probe is None else probe.collect(self, logits, h)
+        if capture is not None or intervene is not None:
+            return self.probe(input_ids, pixel_values, image_sizes, attention_mask=attention_mask,
+                              positions=positions, capture=capture, intervene=intervene)
+        return self.lm_head(self.final_hidden(input_ids, pixel_values, image_sizes, attention_mask=attention_mask,
+                                              positions=positions))
 
     def final_hidden(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
-                     positions=None, capture: Capture | None = None, intervene: Intervention | None = None):
+                     positions=None, remat: bool = False) -> jax.Array:
         """The final-norm hidden states [B, T, H] that `__call__` applies `lm_head` to, without the head.
 
         Arguments as `__call__`. Losses that need one log-probability per position apply the head a
-        chunk at a time from here (`logprobs.target_logprobs`), so no [B, T, vocab] logits exist. With
-        capture / intervene: (hidden, `ForwardOutput` with logits None and the captured arrays).
+        chunk at a time from here (`logprobs.target_logprobs`), so no [B, T, vocab] logits exist.
+        remat: recompute each decoder layer in the backward pass (training memory).
         """
-        h, probe = self._trunk(input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene)
-        return h if probe is None else (h, probe.collect(self, None, h))
+        x, positions = self._embed_inputs(input_ids, pixel_values, image_sizes, positions)
+        return self.hidden_states(x, positions, attention_mask, remat=remat)
 
-    def _trunk(self, input_ids, pixel_values, image_sizes, attention_mask, positions, capture, intervene):
-        """(final hidden states [B, T, H], the forward's `Probe` or None): everything before the head."""
+    def probe(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None, positions=None,
+              capture: Capture | None = None, intervene: Intervention | None = None) -> ForwardOutput:
+        """The forward with research access (`hooks.py`): logits and the arrays `capture` asks for, with
+        `intervene` applied. Arguments as `__call__`."""
+        h, out = self.probe_hidden(input_ids, pixel_values, image_sizes, attention_mask=attention_mask,
+                                   positions=positions, capture=capture, intervene=intervene)
+        return dataclasses.replace(out, logits=self.lm_head(h))
+
+    def probe_hidden(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
+                     positions=None, capture: Capture | None = None, intervene: Intervention | None = None,
+                     remat: bool = False) -> tuple[jax.Array, ForwardOutput]:
+        """(`final_hidden`, `ForwardOutput` with logits None and the captured arrays), `intervene` applied."""
+        x, positions = self._embed_inputs(input_ids, pixel_values, image_sizes, positions)
+        probe = Probe.make(capture, intervene, self.config.text, *x.shape[:2])
+        h = self.hidden_states(x, positions, attention_mask, probe, remat)
+        return h, probe.collect(self, None, h)
+
+    def _embed_inputs(self, input_ids, pixel_values, image_sizes, positions) -> tuple[jax.Array, jax.Array]:
+        """(input embeddings [B, T, H] with image features merged in, positions [B, T]), inputs checked."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
@@ -129,8 +170,7 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         # Without images, [IMG] ids are embedded as ordinary tokens, as the reference does.
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        probe = Probe.make(capture, intervene, self.config.text, b, t)
-        return self.hidden_states(self.embed(input_ids, features), jnp.asarray(positions), attention_mask, probe), probe
+        return self.embed(input_ids, features), jnp.asarray(positions)
 
     def layout_for(self, pixel_values, image_sizes) -> PatchLayout:
         if self.vision_tower is None:

@@ -7,6 +7,13 @@ stored [in, out] (Flax convention), i.e. transposed from the PyTorch [out, in].
 The decoder layers are stacked: every parameter of `layers` has a leading depth axis and the stack
 runs under `jax.lax.scan`, so compile time does not grow with depth. Layers before
 `first_k_dense_replace` use a dense MLP and live in a second stack, `dense_layers`.
+
+There is one decoder-layer forward (`Mistral4DecoderLayer.__call__`) and one scan driver
+(`Mistral4Model.__call__`): the teacher-forced forward, the research-hooked forward and the cached
+decode / prefill forward (`Mistral4Model.forward_cached`, `.prefill`) all run it. A cache switches
+the attention step from the expanded full-sequence form to the absorbed form against the latent
+cache; a `hooks.Hooks` object (a no-op by default) is what research captures and interventions
+attach to.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from flax import nnx
 
 from . import fp8, moe, ops
 from ..config import TextConfig
-from .hooks import Probe
+from ..sharding import ACT_BTD, constrain
+from .cache import Cache, write_layer
+from .hooks import NO_HOOKS, Hooks
 
 _init = nnx.initializers.normal(0.02)
 
@@ -86,21 +95,14 @@ class Mistral4MoE(nnx.Module):
         self.experts = Mistral4Experts(cfg, dtype, rngs)
         width = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs) if width else None
-        self.keep_router_logits = False  # training sets it to read the logits back (load-balancing loss)
 
-    def __call__(self, x_btd: jax.Array, keep_router: bool = False, expert_mask=None) -> jax.Array:
-        """keep_router: sow router logits, expert ids and weights; expert_mask: bool [E] or [B, T, E]."""
+    def __call__(self, x_btd: jax.Array, hooks: Hooks = NO_HOOKS) -> jax.Array:
+        """Route, run the chosen experts, add the shared expert. hooks: may restrict the experts a token
+        may use (`allowed_experts`) and sees the router's output."""
         b, t, d = x_btd.shape
         x_th = x_btd.reshape(b * t, d)
-        allowed = None
-        if expert_mask is not None:
-            e = expert_mask.shape[-1]
-            allowed = jnp.broadcast_to(expert_mask, (b, t, e)).reshape(b * t, e)
-        logits, w, idx = self.gate(x_th, allowed)
-        if self.keep_router_logits or keep_router:
-            self.router_logits = nnx.Intermediate(logits)
-        if keep_router:
-            self.topk_ids, self.topk_weights = nnx.Intermediate(idx), nnx.Intermediate(w)
+        logits, w, idx = self.gate(x_th, hooks.allowed_experts(b, t))
+        hooks.router(self, logits, w, idx)
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_btd)
@@ -151,16 +153,18 @@ class Mistral4Attention(nnx.Module):
         scale = ops.llama4_query_scale(positions_bt, c.rope.llama_4_scaling_beta, c.rope.original_max_position_embeddings)
         return q * scale.astype(q.dtype)[:, :, None, None]
 
-    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts, keep_probs: bool = False) -> jax.Array:
+    def attend(self, q_bthd, c_kv_bsc, k_pe_bsr, mask_bts, hooks: Hooks = NO_HOOKS) -> jax.Array:
+        """Expanded attention: the latent c_kv [B, S, kv_lora_rank] -> per-head keys [B, S, H, qk_head_dim]
+        (with the shared k_pe [B, S, rope]) and values [B, S, H, v_head_dim]; output [B, T, hidden]."""
         c = self.cfg
         b, s, _ = c_kv_bsc.shape
         kv = self.kv_b_proj(c_kv_bsc).reshape(b, s, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
         k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
         k_pe = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope.shape[:3], c.qk_rope_head_dim))
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
-        if keep_probs:  # research capture: sow the probabilities [B, heads, T, S]
+        if hooks.attention_probs_wanted:
             o, probs = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale, return_probs=True)
-            self.attn_probs = nnx.Intermediate(probs)
+            hooks.attention_probs(self, probs)
         else:
             o = ops.attention(q_bthd, k, v, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
@@ -177,9 +181,18 @@ class Mistral4Attention(nnx.Module):
                                        c_kv_bsc, k_pe_bsr, mask_bts, c.softmax_scale)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, keep_probs: bool = False) -> jax.Array:
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, layer=None,
+                 hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
+        """(output [B, T, hidden], cache). Without a cache: expanded attention over the T tokens
+        themselves (mask_bts [B, T, T]). With one: the tokens' latents are written into layer `layer` at
+        their positions (consecutive per row), then absorbed attention reads that layer's whole latent
+        (mask_bts [B, T, S] over cache slots)."""
         c_kv, k_pe = self.latent(x_btd, cos, sin)
-        return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts, keep_probs)
+        if cache is None:
+            return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, mask_bts, hooks), None
+        cache, c_kv_bsc, k_pe_bsr = write_layer(cache, layer, c_kv, k_pe, positions_bt[:, 0])
+        q = self.query(x_btd, cos, sin, positions_bt)
+        return self.attend_latent(q, c_kv_bsc.astype(q.dtype), k_pe_bsr.astype(q.dtype), mask_bts), cache
 
 
 class Mistral4DecoderLayer(nnx.Module):
@@ -192,20 +205,17 @@ class Mistral4DecoderLayer(nnx.Module):
         else:
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
-    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts) -> jax.Array:
-        h = x_btd + self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x_btd, cos, sin, positions_bt, mask_bts, cache: Cache | None = None, layer=None,
+                 hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
+        """x + attn(norm(x)), then + mlp(norm(.)): (output [B, T, hidden], cache).
 
-    def probed(self, x_btd, cos, sin, positions_bt, mask_bts, probe: Probe, xs: dict) -> jax.Array:
-        """The layer with research captures and interventions (probe.py); xs: this layer's scan inputs."""
-        c = probe.capture
-        h = x_btd + self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, c.attentions)
+        cache / layer: the latent cache and this layer's absolute index in it (see
+        `Mistral4Attention.__call__`); hooks: bound to this layer (`Hooks.at_layer`)."""
+        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, mask_bts, cache, layer, hooks)
+        h = x_btd + a
         x = self.post_attention_layernorm(h)
-        y = self.mlp(x, c.router, xs.get("expert_mask")) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
-        out = probe.patch(h + y, xs["index"] + 1)
-        if c.hidden_states:
-            self.hidden_state = nnx.Intermediate(out)
-        return out
+        y = self.mlp(x, hooks) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
+        return hooks.layer_output(self, h + y), cache
 
 
 def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -219,11 +229,11 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False, xs=None):
-    """Run `x = fn(layer, x)` over a stacked module with `jax.lax.scan` (one compiled layer body).
+def scan_layers(stack: nnx.Module, carry, fn: Callable, remat: bool = False, xs=None):
+    """Run `carry = fn(layer, carry)` over a stacked module with `jax.lax.scan` (one compiled layer body).
 
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint` of the body).
-    xs: optional per-layer inputs (a pytree with the depth as leading axis); then `fn(layer, x, xs_l)`.
+    xs: optional per-layer inputs (a pytree with the depth as leading axis); then `fn(layer, carry, xs_l)`.
     `nnx.Intermediate` values a layer stores come back stacked on the stack module.
     """
     graphdef, state = nnx.split(stack)
@@ -234,7 +244,7 @@ def scan_layers(stack: nnx.Module, x, fn: Callable, remat: bool = False, xs=None
         out = fn(layer, carry) if xs is None else fn(layer, carry, xs_l)
         return out, nnx.state(layer, nnx.Intermediate)
 
-    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state if xs is None else (state, xs))
+    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, carry, state if xs is None else (state, xs))
     if len(sown):
         nnx.update(stack, sown)
     return out
@@ -253,38 +263,73 @@ class Mistral4Model(nnx.Module):
         n = cfg.num_moe_layers
         self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.remat = False  # training sets it: rematerialise each decoder layer in the backward pass
+
+    def rope(self, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """cos/sin [B, T, rope/2] of the text YaRN RoPE at absolute per-row positions, built once per
+        forward and shared by every layer (as the reference's `rotary_emb`)."""
+        r = self.cfg.rope
+        inv_freq = ops.yarn_inv_freq(self.cfg.qk_rope_head_dim, r.rope_theta, r.factor,
+                                     r.original_max_position_embeddings, r.beta_fast, r.beta_slow, r.truncate)
+        return ops.rope_cos_sin(positions_bt, jnp.asarray(inv_freq), self.cfg.rope_attention_factor, dtype)
 
     def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 probe: Probe | None = None) -> jax.Array:
+                 cache: Cache | None = None, hooks: Hooks = NO_HOOKS, remat: bool = False,
+                 mesh=None) -> tuple[jax.Array, Cache | None]:
+        """(final-norm hidden states [B, T, hidden], cache): the one scan driver over both stacks.
+
+        mask_bts: [B, T, T] without a cache, [B, T, S] over cache slots with one. remat: recompute each
+        layer in the backward pass (training). mesh: keep activations batch-split between layers.
+        """
+        cos, sin = self.rope(positions_bt, inputs_embeds_btd.dtype)
         c = self.cfg
-        inv_freq = ops.yarn_inv_freq(c.qk_rope_head_dim, c.rope.rope_theta, c.rope.factor,
-                                     c.rope.original_max_position_embeddings, c.rope.beta_fast,
-                                     c.rope.beta_slow, c.rope.truncate)
-        cos, sin = ops.rope_cos_sin(positions_bt, jnp.asarray(inv_freq), c.rope_attention_factor,
-                                    inputs_embeds_btd.dtype)
 
-        def layer_fn(layer, x):
-            return layer(x, cos, sin, positions_bt, mask_bts)
+        def layer_fn(layer, carry, xs_l=None):
+            x, cache = carry
+            index = None if xs_l is None else xs_l["index"]
+            x, cache = layer(x, cos, sin, positions_bt, mask_bts, cache, index, hooks.at_layer(xs_l))
+            return constrain(x, mesh, ACT_BTD), cache
 
-        x = inputs_embeds_btd
-        if probe is None:
-            for stack in (self.dense_layers, self.layers):
-                if stack is not None:
-                    x = scan_layers(stack, x, layer_fn, self.remat)
-            return self.norm(x)
-
-        def probed_fn(layer, x, xs):
-            return layer.probed(x, cos, sin, positions_bt, mask_bts, probe, xs)
-
-        x = probe.patch(x, 0)
-        if probe.capture.hidden_states:
-            self.input_hidden_state = nnx.Intermediate(x)
+        carry = (hooks.embeddings(self, constrain(inputs_embeds_btd, mesh, ACT_BTD)), cache)
         for stack, first, n in ((self.dense_layers, 0, c.first_k_dense_replace),
                                 (self.layers, c.first_k_dense_replace, c.num_moe_layers)):
-            if stack is not None:
-                x = scan_layers(stack, x, probed_fn, self.remat, probe.layer_inputs(first, n, stack is self.layers))
-        return self.norm(x)
+            if stack is None:
+                continue
+            xs = None  # the layer index is a scan input only where something needs it
+            if cache is not None or hooks.active:
+                xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32), **hooks.layer_inputs(stack is self.layers)}
+            carry = scan_layers(stack, carry, layer_fn, remat, xs)
+        x, cache = carry
+        return self.norm(x), cache
+
+    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache,
+                       mesh=None) -> tuple[jax.Array, Cache]:
+        """Final-norm hidden states [B, T, D] of T new tokens per row, and the cache with them written.
+
+        x_btd: input embeddings; row b's tokens sit at positions_bt[b] = p_b, p_b + 1, ..., which are
+        also their cache slots. A token attends to the slots at or before its position.
+        """
+        b, s = x_btd.shape[0], cache.c_kv.shape[2]
+        slots_bs = jnp.broadcast_to(jnp.arange(s, dtype=positions_bt.dtype), (b, s))
+        return self(x_btd, positions_bt, ops.causal_mask(positions_bt, slots_bs), cache, mesh=mesh)
+
+    def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None) -> tuple[jax.Array, Cache]:
+        """Run a right-padded prompt batch [B, T] (T a multiple of `chunk`) through the stack chunk by chunk.
+
+        Positions are 0..T-1 in every row (slot = position). Returns the hidden states [B, T, D] and the
+        filled cache; a row's padding slots hold junk that its later tokens overwrite before reading.
+        """
+        b, t, d = embeds_btd.shape
+        n = t // chunk
+        xs = embeds_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
+
+        def body(cache, inp):
+            x, start = inp
+            pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+            h, cache = self.forward_cached(x, pos, cache, mesh)
+            return cache, h
+
+        cache, hs = jax.lax.scan(body, cache, (xs, jnp.arange(n, dtype=jnp.int32) * chunk))
+        return hs.swapaxes(0, 1).reshape(b, t, d), cache
 
 
 def layer_at(stack: nnx.Module, i: int) -> nnx.Module:

@@ -76,7 +76,7 @@ class ExpertLoad:
 @partial(jax.jit, static_argnames=("graphdef",))
 def _count_batch(graphdef, state, ids_bt, mask_bt, intervene):
     model = nnx.merge(graphdef, state)
-    out = model(ids_bt, attention_mask=mask_bt, capture=Capture(router=True), intervene=intervene)
+    out = model.probe(ids_bt, attention_mask=mask_bt, capture=Capture(router=True), intervene=intervene)
     e = out.router_logits.shape[-1]
     valid = mask_bt.reshape(-1).astype(jnp.float32)  # [B*T]
     hits = jax.nn.one_hot(out.topk_ids, e, dtype=jnp.float32) * valid[None, :, None, None]  # [L, BT, K, E]

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..model import moe
+from ..model.hooks import Capture
 from ..errors import InputError
 from .. import sharding as shard_lib
 from ..config import TextConfig
@@ -112,15 +113,6 @@ def load_balancing_loss(router_logits_lte: jax.Array, valid_t: jax.Array, cfg: T
     return jax.vmap(one_layer)(router_logits_lte).mean()
 
 
-def prepare_model(model: nnx.Module, cfg: TrainConfig) -> nnx.Module:
-    """Set the training switches on the model (remat; router logits kept for the aux loss)."""
-    lm = model.language_model
-    lm.remat = cfg.remat
-    if lm.layers is not None:
-        lm.layers.mlp.keep_router_logits = cfg.router_aux_weight > 0
-    return model
-
-
 def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
     """(total loss, (cross-entropy, aux loss, #targets)) of one batch.
 
@@ -130,13 +122,15 @@ def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
     params = trainable if cfg.lora is None else apply_adapters(frozen, trainable, cfg.lora.scale)
     model = nnx.merge(graphdef, params)
     pixels, sizes = images if images is not None else (None, None)
-    h = model.final_hidden(batch["input_ids"], pixels, sizes, attention_mask=batch["attention_mask"])
-    ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], batch["input_ids"], batch["targets"], cfg.loss_chunk)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     aux = jnp.zeros((), jnp.float32)
-    if cfg.router_aux_weight > 0 and model.language_model.layers is not None:
-        sown = nnx.pop(model, nnx.Intermediate)
-        logits_lte = sown["language_model"]["layers"]["mlp"]["router_logits"].get_value()
-        aux = load_balancing_loss(logits_lte, batch["attention_mask"].reshape(-1), model.config.text)
+    if cfg.router_aux_weight > 0 and model.language_model.layers is not None:  # the aux loss reads the router
+        h, out = model.probe_hidden(ids, pixels, sizes, attention_mask=mask, capture=Capture(router=True),
+                                    remat=cfg.remat)
+        aux = load_balancing_loss(out.router_logits, mask.reshape(-1), model.config.text)
+    else:
+        h = model.final_hidden(ids, pixels, sizes, attention_mask=mask, remat=cfg.remat)
+    ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], ids, batch["targets"], cfg.loss_chunk)
     return ce + cfg.router_aux_weight * aux, (ce, aux, n)
 
 

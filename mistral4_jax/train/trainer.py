@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..checkpoints.save import save_pretrained
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
-from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, prepare_model, state_shardings
+from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, state_shardings
 
 
 # Settings that change memory use, not results: a run may resume with other values of these.
@@ -51,7 +51,7 @@ class Trainer:
         self.cfg, self.examples, self.mesh, self.out = cfg, examples, mesh, Path(out)
         self.model_config = model.config
         self.seq_len = min(cfg.max_len, max(len(e.ids) for e in examples))
-        self.graphdef, params = nnx.split(prepare_model(model, cfg), nnx.Param)
+        self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = make_optimizer(cfg)
         self.key = jax.random.key(cfg.seed)
         if cfg.lora is None:
