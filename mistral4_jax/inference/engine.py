@@ -6,7 +6,8 @@ Two compiled programs, both with the cache and the slot state donated, and a hos
   forward, scattered back). On a prompt's last chunk it samples the request's first token and makes
   the slot live.
 - `_decode_steps`: up to n steps of one token for every slot, in a `lax.while_loop` that exits early
-  when a slot finishes while requests wait, so that the host can give the slot to the next one.
+  when slots finish while requests wait (a few at once, or a few steps after the first), so that the
+  host can give them to the next requests.
 
 The host (`run`) assigns waiting requests to free slots, feeds their prompts chunk by chunk between
 decode calls (while a prompt is being inserted the others decode one step per chunk), collects the
@@ -39,6 +40,7 @@ MAX_STOP_SEQUENCES = 8  # likewise for token-id stop sequences
 STEPS_PER_CALL = 32  # most decode steps per call (the token buffer the host reads back)
 STEPS_PER_CALL_WATCHED = 8  # ... when the host must see tokens soon: streaming, stop strings
 REFILL_PATIENCE = 4  # steps a freed slot may idle while the decode loop waits for more to free
+REFILL_SHARE = 4  # ... and it waits for 1 / REFILL_SHARE of the slots to free (one insert refills them)
 CPU_BATCH_CAP, DEVICE_BATCH_CAP = 32, 256  # default batch_size caps (see default_batch_size)
 CACHE_MEMORY_FRACTION = 0.5  # of the free device memory the default batch_size lets the cache take
 
@@ -221,7 +223,7 @@ def default_batch_size(model, n_prompts: int, cache_len: int, data: int = 1) -> 
     times the mesh's data axis the rows are split over), rounded to a multiple of the data axis.
     The free memory is bytes_limit - bytes_in_use of `memory_stats()`, where the device reports it.
     """
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
     cap = CPU_BATCH_CAP if dev.platform == "cpu" else DEVICE_BATCH_CAP
     b = min(pow2(n_prompts), cap)
     stats = dev.memory_stats() or {}
@@ -365,7 +367,7 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
         if not any(live):
             continue
         n = 1 if filling else steps_per_call  # a prompt being inserted gets its next chunk after one step
-        refill = min(len(waiting), max(1, rows // 4))  # slots to free before refilling (0: none wait)
+        refill = min(len(waiting), max(1, rows // REFILL_SHARE))  # 0: nobody waits
         cache, slots, out, j = prog.decode_steps(leaves, cache, slots, sampling, stops,
                                              g(kill, logical=("batch",)), jnp.int32(n), jnp.int32(refill),
                                              k=STEPS_PER_CALL, mesh=mesh)
