@@ -8,7 +8,8 @@ Both sides decode with `--batch` cache rows and stop only at each request's own 
   (`generate(group, max_new_tokens=max(group), batch_size=B)`), as a static batch runs.
 Useful tokens are the ones the requests asked for (sum of their lengths) on both sides; the ideal
 ratio is static decode steps / engine decode steps = sum over groups of max(len) / (sum(len) / B).
-Then `--short` prompts of 2 new tokens through the same B slots, and `score` over `--score` requests.
+Then `--short` prompts of 2 new tokens through the same B slots (wall time, compiles included: their
+chunk and insert sizes are new), and `score` over `--score` requests.
 Random weights (the tiny config with a longer context), float32; runs on whatever JAX sees.
 
     PYTHONPATH=$PWD python bench/engine.py [--prompts 96] [--batch 8] [--json out.json]
@@ -94,8 +95,8 @@ def main(argv=None) -> dict:
     assert all(len(o) == 2 for o in out)
     res.update(short_prompts=args.short, short_seconds=round(time.perf_counter() - t0, 2))
 
-    reqs = [(g.integers(20, 1000, int(g.integers(8, 65))).tolist(), g.integers(20, 1000, int(g.integers(1, 9))).tolist())
-            for _ in range(args.score)]
+    reqs = [(g.integers(20, 1000, int(g.integers(8, 65))).tolist(),
+             g.integers(20, 1000, int(g.integers(1, 9))).tolist()) for _ in range(args.score)]
     tokens = sum(len(c) + len(x) for c, x in reqs)
     t_score = best_of(lambda: score(model, reqs, batch_size=32), args.repeat)
     res.update(score_requests=len(reqs), score_tokens_per_s=round(tokens / t_score, 1),

@@ -52,9 +52,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     - stop_sequences: token-id lists (at most 8): the request's last generated tokens equal one;
     - stop_strings with `tokenizer`: strings (for every prompt) or one list of strings per prompt:
       the text of the generated ids (tokenizer.decode(ids, skip_special_tokens=True)) contains one.
-      Checked on the host, so the request ends within a few steps of the string (the ids may run a
-      few tokens past it); `generated_text(tokenizer, ids, strings)` gives the text cut exactly as
-      lm-eval's generate_until cuts it.
+      Checked on the host after every token, so the ids end with the token that completed the string
+      (its slot is freed within STEPS_PER_CALL_WATCHED = 8 decode steps); `generated_text(tokenizer,
+      ids, strings)` gives the text cut exactly as lm-eval's generate_until cuts it.
 
     callback(step, tokens): called on the host as tokens arrive, once per engine step, with one entry
     per prompt: the prompt's new token, or None (it is waiting, being prefilled, or has stopped).
