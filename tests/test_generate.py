@@ -12,7 +12,7 @@ import pytest
 
 import reference as R
 from mistral4_jax import InputError, from_pretrained, generate
-from mistral4_jax.inference.generate import _generate_core
+from mistral4_jax.inference.engine import compiled_programs
 from mistral4_jax.inference.sampling import sample_logits
 
 TIE = 1e-4  # a generated token may differ from the reference argmax only on a near-tie of the logits
@@ -108,9 +108,9 @@ def test_streaming_callback_sees_every_token(pair):
 def test_new_lengths_in_a_bucket_do_not_recompile(pair):
     _, jm = pair
     generate(jm, [[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=5, stop_tokens=[])
-    n = _generate_core._cache_size()
+    n = compiled_programs()
     generate(jm, [[1, 2, 3, 4, 5], [4, 5]], max_new_tokens=7, temperature=0.5, top_k=3, seed=9)
-    assert _generate_core._cache_size() == n
+    assert compiled_programs() == n
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -128,11 +128,11 @@ def test_new_lengths_in_a_bucket_do_not_recompile(pair):
 ])
 def test_bad_input_is_refused_before_compiling(pair, kwargs, message):
     _, jm = pair
-    n = _generate_core._cache_size()
+    n = compiled_programs()
     with pytest.raises(InputError) as e:
         generate(jm, **kwargs)
     assert message in str(e.value)
-    assert _generate_core._cache_size() == n
+    assert compiled_programs() == n
 
 
 def test_absorbed_attention_equals_expanded():

@@ -18,15 +18,6 @@ def batch_bucket(batch: int, data: int = 1) -> int:
     return -(-pow2(batch) // data) * data
 
 
-def bucket_sizes(batch: int, max_prompt: int, max_new_tokens: int, prefill_chunk: int, data: int = 1):
-    """(batch, prompt length, new-token buffer, chunk) after bucketing; the cache holds prompt + buffer."""
-    b = batch_bucket(batch, data)
-    t = pow2(max_prompt, 8)
-    chunk = min(prefill_chunk, t)
-    t = -(-t // chunk) * chunk
-    return b, t, pow2(max_new_tokens), chunk
-
-
 def bucketed_images(model, pixel_values, image_sizes) -> tuple[np.ndarray, PatchLayout]:
     """pixel_values zero-padded to a power-of-two image count and patch grid, and its layout padded
     to a power-of-two patch count: image batches of similar sizes share one vision program."""

@@ -1,109 +1,75 @@
-"""Batched generation: prefill and the whole token loop inside one compiled function.
+"""generate(): validate a batch of requests on the host, then run them through the engine.
 
-`generate(model, prompts, ...)` validates everything on the host first (nothing is compiled for a
-bad request), pads the batch to buckets (batch size and prompt length to powers of two,
-`max_new_tokens` to a power of two) so that new sizes reuse compiled code, prefills the MLA latent
-cache in chunks (`model.prefill`) and runs the decode loop as one `lax.while_loop` that exits as
-soon as every row has produced a stop token. Sampling parameters are traced values: changing the
-temperature, top-k, top-p, seed or stop tokens does not recompile.
+Nothing is compiled for a bad request. The requests go through `engine.run`: `batch_size` slots
+decode at once and a finished request's slot is refilled from the waiting ones (continuous
+batching); outputs come back in input order. Sampling parameters and stop ids are traced values:
+changing them does not recompile; prompt chunks, cache length and slot counts are bucketed.
 """
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..model.cache import init_cache
 from ..errors import InputError
-from ..inputs import check_image_tokens, check_int, validate_prompts
-from .batching import bucket_sizes, bucketed_images
-from .sampling import sample_rows
-from ..sharding import ACT_BV, constrain, model_mesh, to_global
+from ..inputs import check_image_tokens, check_int, validate_ids, validate_prompts
 from ..model.pixtral import PatchLayout
+from ..sharding import model_mesh, to_global
+from . import engine
+from .batching import bucketed_images, pow2
+from .engine import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS, cut_at_stop_strings
 
-MAX_STOP_TOKENS = 8  # stop ids are padded to this many so their number does not change the compile
-
-
-# ---------------------------------------------------------------------- streaming
-# The compiled loop calls one fixed function (so a new callback does not recompile); it runs on a
-# runtime thread, so the current callback sits in a module-level slot guarded by a lock.
-_stream: dict = {"callback": None, "n_rows": 0}
-_stream_lock = threading.Lock()
+__all__ = ["generate", "generated_text", "cut_at_stop_strings"]
 
 
-def _stream_dispatch(step, tokens, done_before):
-    cb, n = _stream["callback"], _stream["n_rows"]
-    if cb is not None:
-        cb(int(step), [None if d else int(t) for t, d in zip(tokens[:n], done_before[:n])])
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens: Sequence[int] | None = None, pixel_values=None, image_sizes=None,
+             callback: Callable | None = None, prefill_chunk: int = 512, *, batch_size: int | None = None,
+             stop_sequences: Sequence[Sequence[int]] | None = None, stop_strings=None,
+             tokenizer=None) -> list[list[int]]:
+    """New token ids for each prompt, in input order (a list per prompt, ending with the token that
+    stopped it, if one did).
 
+    prompts: token-id lists of any lengths (at least one token each). max_new_tokens: one int for
+    all, or one per prompt. temperature 0 is greedy; top_k 0 keeps every token; top_p in (0, 1].
+    seed makes sampling reproducible: prompt i draws its k-th token with fold_in(fold_in(key(seed), i),
+    k), whatever else is in the batch. pixel_values [N, C, H, W] / image_sizes [N, 2] fill the `[IMG]`
+    tokens of the prompts in order, as `model(...)` does.
 
-# ---------------------------------------------------------------------- the compiled loop
-@partial(jax.jit, static_argnames=("graphdef", "n_new", "chunk", "mesh", "stream"), donate_argnames=("cache",))
-def _generate_core(graphdef, state, embeds_btd, lens_b, active_b, cache, key, temperature, top_k, top_p,
-                   stop_ids, max_new, *, n_new, chunk, mesh, stream):
-    model = nnx.merge(graphdef, state)
-    b = embeds_btd.shape[0]
-    rows = jnp.arange(b)
+    batch_size: the most sequences decoded at once (the cache has that many rows); the other prompts
+    wait and take the slot of the first request to finish, their prefill inserted chunk by chunk
+    between decode steps. Default (`engine.default_batch_size`): the prompts rounded up to a power of
+    two, capped at 32 on the CPU and 256 on an accelerator, and at the rows whose cache fits in half
+    the free device memory.
 
-    def logits_of(h_bd):
-        return constrain(model.lm_head(h_bd).astype(jnp.float32), mesh, ACT_BV)
+    Stops (a request ends at the first that applies; its output keeps what ended it):
+    - stop_tokens: ids (default: the config's eos ids; [] for none), at most 8;
+    - stop_sequences: token-id lists (at most 8): the request's last generated tokens equal one;
+    - stop_strings with `tokenizer`: strings (for every prompt) or one list of strings per prompt:
+      the text of the generated ids (tokenizer.decode(ids, skip_special_tokens=True)) contains one.
+      Checked on the host after every token, so the ids end with the token that completed the string
+      (its slot is freed within STEPS_PER_CALL_WATCHED = 8 decode steps); `generated_text(tokenizer,
+      ids, strings)` gives the text cut exactly as lm-eval's generate_until cuts it.
 
-    def is_stop(tok_b):
-        return (tok_b[:, None] == stop_ids[None, :]).any(-1)
-
-    def emit(i, tok, out, done):
-        if stream:
-            jax.debug.callback(_stream_dispatch, i, tok, done)
-        out = out.at[:, i].set(jnp.where(done, -1, tok))
-        return out, done | is_stop(tok)
-
-    hs, cache = model.prefill(embeds_btd, cache, chunk, mesh)
-    tok = sample_rows(logits_of(hs[rows, lens_b - 1]), key, 0, temperature, top_k, top_p)
-    out, done = emit(0, tok, jnp.full((b, n_new), -1, jnp.int32), ~active_b)
-
-    def cond(c):
-        i, _, _, done, _ = c
-        return (i < max_new) & ~done.all()
-
-    def body(c):
-        i, tok, out, done, cache = c
-        pos = (lens_b + i - 1)[:, None]  # the last emitted token sits at position len + i - 1
-        h, cache = model.forward_cached(model.embed(tok[:, None]), pos, cache, mesh)
-        tok = sample_rows(logits_of(h[:, 0]), key, i, temperature, top_k, top_p)
-        out, done = emit(i, tok, out, done)
-        return i + 1, tok, out, done, cache
-
-    _, _, out, _, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, cache))
-    return out, cache
-
-
-# ---------------------------------------------------------------------- host side
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-             pixel_values=None, image_sizes=None, callback: Callable | None = None,
-             prefill_chunk: int = 512) -> list[list[int]]:
-    """New token ids for each prompt (a list per prompt, ending with the stop token when one came).
-
-    prompts: token-id lists of any lengths (at least one token each). temperature 0 is greedy;
-    top_k 0 keeps every token; top_p in (0, 1]. seed makes sampling reproducible. stop_tokens
-    default to the config's eos ids. pixel_values [N, C, H, W] / image_sizes [N, 2] fill the `[IMG]`
-    tokens of the prompts in order, as `model(...)` does. callback(step, tokens) is called from the
-    compiled loop after every step with one entry per prompt: the new token, or None for a prompt
-    that had already stopped. prefill_chunk (a power of two) bounds prefill activation memory.
+    callback(step, tokens): called on the host as tokens arrive, once per engine step, with one entry
+    per prompt: the prompt's new token, or None (it is waiting, being prefilled, or has stopped).
+    step 0 carries the first tokens of the prompts that start at once. prefill_chunk (a power of two)
+    bounds prefill activation memory.
     """
     cfg = model.config
     t = cfg.text
     prompts = validate_prompts(prompts, t.vocab_size)
-    check_int("max_new_tokens", max_new_tokens, 1)
+    limits = _limits(max_new_tokens, len(prompts))
     check_int("top_k", top_k, 0)
     check_int("seed", seed, 0)
     check_int("prefill_chunk", prefill_chunk, 1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1)
     if prefill_chunk & (prefill_chunk - 1):
         raise InputError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
@@ -118,10 +84,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
     for s in stop:
         if not 0 <= s < t.vocab_size:
             raise InputError(f"stop_tokens holds {s}, outside the vocabulary [0, {t.vocab_size})")
-    longest = max(map(len, prompts))
-    if longest + max_new_tokens > t.max_position_embeddings:
-        raise InputError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the context limit max_position_embeddings = {t.max_position_embeddings}")
+    seqs = [] if stop_sequences is None else list(stop_sequences)
+    if len(seqs) > MAX_STOP_SEQUENCES:
+        raise InputError(f"stop_sequences: at most {MAX_STOP_SEQUENCES} sequences, got {len(seqs)}")
+    seqs = [validate_ids(q, t.vocab_size, f"stop_sequences[{i}]") for i, q in enumerate(seqs)]
+    text_stops = _text_stops(stop_strings, tokenizer, len(prompts))
+    for i, (p, m) in enumerate(zip(prompts, limits)):
+        if len(p) + m > t.max_position_embeddings:
+            raise InputError(f"prompts[{i}] ({len(p)} tokens) plus max_new_tokens ({m}) exceeds the context "
+                             f"limit max_position_embeddings = {t.max_position_embeddings}")
     images = None
     if pixel_values is not None:
         images = bucketed_images(model, pixel_values, image_sizes)
@@ -130,36 +101,67 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
 
     mesh = model_mesh(model)
     data = mesh.shape["data"] if mesh is not None else 1
-    b, tp, n_new, chunk = bucket_sizes(len(prompts), longest, max_new_tokens, prefill_chunk, data)
-    ids = np.zeros((b, tp), np.int32)
-    lens = np.ones(b, np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = p
-        lens[i] = len(p)
-    active = np.arange(b) < len(prompts)
+    lens = [len(p) for p in prompts]
+    chunk = min(prefill_chunk, pow2(max(lens), 8))
+    cache_len = engine.cache_length(lens, limits, chunk)
+    if batch_size is None:
+        rows = engine.default_batch_size(model, len(prompts), cache_len, data)
+    else:
+        rows = -(-min(batch_size, pow2(len(prompts))) // data) * data
 
     graphdef, state = nnx.split(model)
-    features = None
-    if images is not None:
+    embeds = None
+    if images is not None:  # embed every prompt ahead: the image features fill [IMG] tokens in order
         px, layout = images
         arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
         features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
-    embeds = _embed(graphdef, state, to_global(ids, mesh, ("batch",)), features)
-    cache = init_cache(t, b, tp + n_new, model.dtype, mesh)
-    args = [to_global(x, mesh, lg) for x, lg in (
-        (lens, ("batch",)), (active, ("batch",)), (np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), ()),
-        (np.float32(temperature), ()), (np.int32(top_k), ()), (np.float32(top_p), ()),
-        (np.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), np.int32), ()), (np.int32(max_new_tokens), ()))]
-    lens_a, active_a, key_a, *rest = args
-    with _stream_lock:
-        _stream.update(callback=callback, n_rows=len(prompts))
-        try:
-            out, _ = _generate_core(graphdef, state, embeds, lens_a, active_a, cache, key_a, *rest,
-                                    n_new=n_new, chunk=chunk, mesh=mesh, stream=callback is not None)
-            out = np.asarray(jax.device_get(out))
-        finally:
-            _stream["callback"] = None
-    return [_trim(row[:max_new_tokens], stop) for row in out[:len(prompts)]]
+        ids = np.zeros((len(prompts), -(-max(lens) // chunk) * chunk), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        embeds = _embed(graphdef, state, to_global(ids, mesh), features)
+    sampling = engine.Sampling(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), np.float32(temperature),
+                               np.int32(top_k), np.float32(top_p))
+    return engine.run(model, graphdef, state, prompts, limits, rows=rows, chunk=chunk, cache_len=cache_len,
+                      sampling=sampling, stops=engine.stop_arrays(stop, seqs), mesh=mesh, embeds=embeds,
+                      text_stops=text_stops, callback=callback)
+
+
+def generated_text(tokenizer, ids: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
+    """The text of generated ids as lm-eval's generate_until returns it: decoded with
+    skip_special_tokens=True, then cut before the first occurrence of each stop string in turn."""
+    return cut_at_stop_strings(tokenizer.decode(list(ids), skip_special_tokens=True), stop_strings)
+
+
+def _limits(max_new_tokens, n: int) -> list[int]:
+    """max_new_tokens as one int per prompt."""
+    if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+        limits = list(max_new_tokens)
+        if len(limits) != n:
+            raise InputError(f"max_new_tokens has {len(limits)} entries for {n} prompts: give one int, or one "
+                             "per prompt")
+        for i, m in enumerate(limits):
+            check_int(f"max_new_tokens[{i}]", m, 1)
+        return [int(m) for m in limits]
+    check_int("max_new_tokens", max_new_tokens, 1)
+    return [int(max_new_tokens)] * n
+
+
+def _text_stops(stop_strings, tokenizer, n: int):
+    """One `TextStop` (or None) per prompt, from strings for all prompts or one list per prompt."""
+    if stop_strings is None:
+        return None
+    if isinstance(stop_strings, str) or not isinstance(stop_strings, (list, tuple)):
+        raise InputError("stop_strings must be a list of strings, or one list of strings per prompt")
+    per_prompt = bool(stop_strings) and all(isinstance(s, (list, tuple)) for s in stop_strings)
+    lists = list(stop_strings) if per_prompt else [stop_strings] * n
+    if len(lists) != n:
+        raise InputError(f"stop_strings has {len(lists)} lists for {n} prompts")
+    for i, ss in enumerate(lists):
+        if not all(isinstance(s, str) for s in ss):
+            raise InputError(f"stop_strings[{i}] must hold only strings, got {ss!r}")
+    if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+        raise InputError("stop_strings need tokenizer= (an object with decode(ids, skip_special_tokens=...))")
+    return [engine.TextStop(tokenizer, ss) if any(ss) else None for ss in lists]
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -172,13 +174,3 @@ def _image_features(graphdef, state, pixel_values, layout_arrays):
 def _embed(graphdef, state, ids_bt, features):
     return nnx.merge(graphdef, state).embed(ids_bt, features)
 
-
-def _trim(row: np.ndarray, stop: list[int]) -> list[int]:
-    out = []
-    for tok in row.tolist():
-        if tok < 0:
-            break
-        out.append(tok)
-        if tok in stop:
-            break
-    return out

@@ -28,8 +28,8 @@ def sample_logits(logits_v: jax.Array, key: jax.Array, temperature, top_k, top_p
     return jax.lax.cond(temperature > 0, sampled, greedy, None)
 
 
-def sample_rows(logits_bv, key, step, temperature, top_k, top_p):
-    """A token per row; row b draws with key fold_in(fold_in(key, b), step), so a row's samples do not
-    depend on the batch it is in."""
-    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(key, b), step))(jnp.arange(logits_bv.shape[0]))
+def sample_rows(logits_bv, key, ids_b, steps_b, temperature, top_k, top_p):
+    """A token per row; row b draws with key fold_in(fold_in(key, ids_b[b]), steps_b[b]): a request's
+    id and its own step, so its samples do not depend on the row or the batch it is in."""
+    keys = jax.vmap(lambda i, s: jax.random.fold_in(jax.random.fold_in(key, i), s))(ids_b, steps_b)
     return jax.vmap(sample_logits, in_axes=(0, 0, None, None, None))(logits_bv, keys, temperature, top_k, top_p)
