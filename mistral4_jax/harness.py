@@ -14,7 +14,8 @@ move and the empty-context rule are lm-eval's own (`TemplateLM`); log-likelihood
 max_length + 1 tokens; rolling log-likelihoods use lm-eval's disjoint windows of max_length tokens;
 generation keeps the last max_length - max_gen_toks context tokens, stops at the eos token, decodes
 without special tokens and cuts at the first `until` string. Log-likelihoods are batched through
-`score`, generations through `generate`.
+`score`, generations through `generate` (one call per set of generation kwargs, whose requests end
+early at their `until` strings when that cannot change the text).
 """
 
 from __future__ import annotations
@@ -137,6 +138,27 @@ def sampling_args(kwargs: dict) -> dict:
         return {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
     got = {k: kwargs.get(k, v) for k, v in HF_SAMPLING_DEFAULTS.items()}
     return {"temperature": float(got["temperature"]), "top_k": int(got["top_k"]), "top_p": float(got["top_p"])}
+
+
+def _early_stop_safe(text: str, until: list[str]) -> bool:
+    """Whether `text`, the decoded ids of a request the engine ended on a stop string, is cut by
+    `until` (lm-eval's cut: for each string in order, keep what comes before its first occurrence)
+    exactly as the text of the request run to its full length would be.
+
+    The full text starts with `text` (the same tokens, decoded alike), unless `text` ends in an
+    incomplete UTF-8 character. Let s be the first string of `until` that `text` holds: the cut
+    at s lies inside `text`, and every later cut is then the same. A string before s that `text`
+    does not hold can still occur in the full text: past its end it cuts nothing of `text`, but one
+    that starts inside `text` (a proper prefix of it ends `text`) would cut before s. Then (or with
+    no string held) the answer is no, and the request is generated in full."""
+    if text.endswith("\ufffd"):
+        return False
+    for s in (u for u in until if u):
+        if s in text:
+            return True
+        if any(text.endswith(s[:k]) for k in range(1, len(s))):
+            return False
+    return False
 
 
 @register_model("mistral4-jax")
@@ -298,7 +320,11 @@ class Mistral4LM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Each request's generation, cut at its first `until` string (eos included, as lm-eval adds it)."""
+        """Each request's generation, cut at its first `until` string (eos included, as lm-eval adds it).
+
+        The requests of one set of generation kwargs are one `generate` call: batch_size slots, each
+        refilled as its request ends. Without reasoning, a request also ends once its text holds an
+        `until` string (see `_early_stop_safe` for why that leaves the returned text unchanged)."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
@@ -313,23 +339,46 @@ class Mistral4LM(TemplateLM):
                     raise InputError(f"Mistral4LM.generate_until: max_gen_toks = {max_gen_toks} leaves no room for "
                                      f"a context within max_length = {self.max_length}")
                 sampling = sampling_args(kwargs)
-                prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen_toks)
+                encoded = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen_toks)
                            for i in idx}
-                idx = sorted(idx, key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-                for s in range(0, len(idx), self.batch_size):
-                    part = idx[s:s + self.batch_size]
-                    gens = self._generate([prompts[i] for i in part], max_gen_toks, sampling)
-                    for i, ids in zip(part, gens):
-                        out[i] = self._generation_text(ids, until)
-                        self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
-                    bar.update(len(part))
+                idx = sorted(idx, key=lambda i: -len(encoded[i]))  # similar lengths fill the slots together
+                prompts = [encoded[i] for i in idx]
+                # Stop strings go to the engine only without reasoning: with "high", `until` applies to the
+                # text after the last [/THINK], and a stop string inside the thinking part must not end
+                # the request. The engine decodes with this tokenizer's decode(ids,
+                # skip_special_tokens=True), which is `tok_decode`, the decode of the final text.
+                stop_strings = [s for s in until if s] if self.reasoning_effort == "none" else []
+                gens = self._generate(prompts, max_gen_toks, sampling, stop_strings)
+                # A request the engine ended on a stop string whose text could still change its cut
+                # (see `_early_stop_safe`) is generated again in full, at the same position in the
+                # call, so it draws the same tokens.
+                redo = {j for j, ids in enumerate(gens) if stop_strings and not self._ended_by_model(ids, max_gen_toks)
+                        and not _early_stop_safe(self.tok_decode(ids), until)}
+                if redo:  # the others get one token: only their position in the call matters
+                    full = self._generate(prompts, [max_gen_toks if j in redo else 1 for j in range(len(prompts))],
+                                          sampling, [])
+                    for j in redo:
+                        gens[j] = full[j]
+                for i, ids in zip(idx, gens):
+                    out[i] = self._generation_text(ids, until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+                bar.update(len(idx))
         return out
 
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict) -> list[list[int]]:
+    def _ended_by_model(self, ids: list[int], max_gen_toks: int) -> bool:
+        """Whether generated ids ended at the length limit or a stop token (not a stop string)."""
+        return len(ids) >= max_gen_toks or (bool(ids) and ids[-1] in self.model.config.text.eos_token_id)
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens, sampling: dict,
+                  stop_strings: list[str]) -> list[list[int]]:
+        """generate() over `batch_size` slots, each refilled as its request ends."""
         import jax
 
         with jax.default_device(self._device):
-            return generate(self.model, prompts, max_new_tokens=max_new_tokens, seed=self.seed, **sampling)
+            gens = generate(self.model, prompts, max_new_tokens=max_new_tokens, seed=self.seed,
+                            batch_size=self.batch_size, stop_strings=stop_strings or None,
+                            tokenizer=self.tokenizer if stop_strings else None, **sampling)
+        return gens
 
     def _generation_text(self, ids: list[int], until: list[str]) -> str:
         """The text lm-eval keeps of generated ids: after the last `[/THINK]` when reasoning, without

@@ -263,3 +263,41 @@ def test_bad_requests_are_refused(lms):
         ours.generate_until(_instances("generate_until", [("Hi", {"max_gen_toks": 256})]), disable_tqdm=True)
     with pytest.raises(InputError, match="Mistral4LM: mesh must be DATA,EXPERT,TENSOR"):
         Mistral4LM(pretrained=str(Path("nowhere")), mesh="2,2")
+
+
+def test_generations_stop_at_until_strings_and_match_the_hf_backend(lms, monkeypatch):
+    """A request whose until string appears a few tokens in ends there (the engine returns few ids,
+    far below max_gen_toks), and the texts are still the HF backend's."""
+    import mistral4_jax.harness as harness
+
+    ours, hf = lms
+    calls = []
+
+    def spy(model, prompts, **kwargs):  # each request's generated ids, by its prompt
+        gens = harness_generate(model, prompts, **kwargs)
+        calls.append({tuple(p): ids for p, ids in zip(prompts, gens, strict=True)})
+        return gens
+
+    harness_generate = harness.generate
+    monkeypatch.setattr(harness, "generate", spy)
+    texts = ["The capital of France is", "Hello, world! How are", "Grüße aus München, sagte er"]
+    raw = ours.generate_until(_instances("generate_until", [(t, {"until": [], "max_gen_toks": 64}) for t in texts]),
+                              disable_tqdm=True)
+    assert [len(ids) for ids in calls[0].values()] == [64] * 3  # no eos: without stop strings, all 64 tokens
+    stop = next(raw[0][k:k + 2] for k in range(3, 60) if raw[0][k:k + 2].strip() and "\ufffd" not in raw[0][k:k + 2])
+    reqs = _instances("generate_until", [(t, {"until": [stop], "max_gen_toks": 64}) for t in texts])
+    got = ours.generate_until(reqs, disable_tqdm=True)
+    assert len(calls) == 2  # one call for the group: no request generated again in full
+    first = raw[0].index(stop)
+    assert got[0] == raw[0][:first] and len(calls[1][tuple(ours.tok_encode(texts[0]))]) <= 16
+    assert got == [r.split(stop)[0] for r in raw]
+    assert got == hf.generate_until(reqs, disable_tqdm=True)
+    # A string before `stop` in until whose start ends the stopped text could still cut it earlier in
+    # the full text: such a request is generated again in full (a third call), with the same result.
+    assert not harness._early_stop_safe("xab", ["bc", "ab"]) and harness._early_stop_safe("xab", ["ab", "bc"])
+    tail = ours.tok_decode(calls[1][tuple(ours.tok_encode(texts[0]))])[-1]
+    until = [tail + "\x01\x02\x03", stop]
+    got = ours.generate_until(_instances("generate_until", [(t, {"until": until, "max_gen_toks": 64}) for t in texts]),
+                              disable_tqdm=True)
+    assert len(calls) == 4 and len(calls[3][tuple(ours.tok_encode(texts[0]))]) == 64
+    assert got == [r.split(until[0])[0].split(stop)[0] for r in raw]
