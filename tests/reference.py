@@ -199,6 +199,20 @@ def logits(model, input_ids, pixel_values=None, image_sizes=None, **kw) -> np.nd
     return model(**args, **kw).logits.float().numpy()
 
 
+# A generated token may differ from the reference argmax only on a near-tie of the logits.
+TIE = 1e-4
+
+
+def assert_teacher_forced(model, prompt, new, pixel_values=None, image_sizes=None) -> np.ndarray:
+    """Greedy tokens `new` after `prompt` are the reference's argmax at every step (up to a near-tie);
+    returns the reference logits of prompt + new."""
+    out = logits(model, np.asarray([list(prompt) + list(new)]), pixel_values, image_sizes)[0]
+    for k, tok in enumerate(new):
+        row = out[len(prompt) - 1 + k]
+        assert row.max() - row[tok] <= TIE, f"step {k}: got {tok}, reference argmax {row.argmax()}"
+    return out
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -17,7 +17,6 @@ from mistral4_jax import ConfigError, ModelConfig, from_pretrained, generate, sc
 from mistral4_jax.config import ACTIVATIONS
 
 TOL = 1e-4  # relative error of float32 logits
-TIE = 1e-4  # a generated token may differ from the reference argmax only on a near-tie
 
 # A YaRN dict as a hand-written config.json may carry it: no mscale / mscale_all_dim (transformers then
 # scales cos/sin by 0.1 ln(factor) + 1), no original_max_position_embeddings and no beta_fast/beta_slow.
@@ -70,13 +69,6 @@ def pair(request, tmp_path_factory):
     return request.param, ref, from_pretrained(path, dtype="float32")
 
 
-def _teacher_forced(ref, prompt, new, px=None, isz=None):
-    logits = R.logits(ref, np.asarray([prompt + new]), px, isz)[0]
-    for k, tok in enumerate(new):
-        row = logits[len(prompt) - 1 + k]
-        assert row.max() - row[tok] <= TIE, f"step {k}: got {tok}, reference argmax {row.argmax()}"
-
-
 def _images(cfg):
     """Two images, one with partial merge windows (dropped), padded as the processor pads; their prompt."""
     v = cfg.vision
@@ -109,7 +101,7 @@ def test_logits_generate_and_score_match_reference(pair):
     out = generate(jm, prompts, max_new_tokens=6, stop_tokens=[], prefill_chunk=16, pixel_values=px, image_sizes=isz)
     for i, (p, o) in enumerate(zip(prompts, out)):
         assert len(o) == 6
-        _teacher_forced(ref, p, o, *((px, isz) if i == 1 and px is not None else ()))
+        R.assert_teacher_forced(ref, p, o, *((px, isz) if i == 1 and px is not None else ()))
     requests = [(prompts[2][:4], [5, 7, 9]), ([3], [4])]
     for (c, x), (lp, _) in zip(requests, score(jm, requests)):
         lg = torch.log_softmax(torch.as_tensor(R.logits(ref, np.asarray([c + x]))[0], dtype=torch.float64), -1)

@@ -18,8 +18,12 @@ from mistral4_jax.text.images import ImageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("MISTRAL4_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral4_jax", "jax"))
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-       **({"JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"} if CACHE else {})}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+# JAX writes a persistent-cache entry in place (no temporary file and rename), so a process killed while it
+# writes one leaves a truncated entry that aborts the next process reading it: only runs that are not
+# interrupted use the shared cache.
+ENV_CACHED = {**ENV, **({"JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+                        if CACHE else {})}
 STEPS = 4
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -39,11 +43,11 @@ def hf(tmp_path_factory):
 class Run:
     """A `python -m mistral4_jax ARGS` process whose stdout / stderr go to files (read while it runs)."""
 
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, interrupted: bool = True):
         self.out, self.err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
         with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", *args], cwd=ROOT, env=ENV,
-                                      stdout=o, stderr=e)
+            self.p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", *args], cwd=ROOT,
+                                      env=ENV if interrupted else ENV_CACHED, stdout=o, stderr=e)
 
     def wait_for(self, ready, timeout=600.0):
         t0 = time.monotonic()
@@ -108,7 +112,7 @@ def test_finetune_interrupted_at_any_point_resumes(hf, tmp_path):
     _one_clean_line(err, rc, 143, "mistral4-jax finetune: terminated; the train state")
     assert not (out / "config.json").exists()  # no model exported from an unfinished run
     # 3. the same command resumes and finishes: the model directory is complete
-    run = Run(tmp_path, *_finetune(hf, out))
+    run = Run(tmp_path, *_finetune(hf, out), interrupted=False)
     rc, err = run.finish()
     assert rc == 0, err[-3000:]
     assert "resumed from" in run.out.read_text()
