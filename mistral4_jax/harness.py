@@ -31,11 +31,17 @@ try:
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError as e:  # the optional extra is missing
     raise ImportError(f"mistral4_jax.harness needs lm-evaluation-harness: pip install -e \".[eval]\" ({e})") from None
+import jax
+from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from .checkpoints.load import from_pretrained
 from .errors import InputError
 from .inference.generate import generate
 from .inference.score import score
+from .sharding import make_mesh
+from .text.tokenizer import Tokenizer
 
 REASONING_EFFORTS = ("none", "high")
 # What lm-eval's HF backend gives a request that sets no generation length.
@@ -51,10 +57,6 @@ SCORE_CALL_BATCHES = 16
 
 def parse_mesh(mesh):
     """None, a `jax.sharding.Mesh`, or DATA,EXPERT,TENSOR as a string ("1,8,1" or "1x8x1") or a tuple."""
-    from jax.sharding import Mesh
-
-    from .sharding import make_mesh
-
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
     parts = mesh.replace("x", ",").split(",") if isinstance(mesh, str) else list(mesh)
@@ -68,8 +70,6 @@ def parse_mesh(mesh):
 
 def parse_device(device):
     """The JAX device of "cpu", "cuda", "gpu" or "tpu" (optionally ":N"); None for the default one."""
-    import jax
-
     if device is None:
         return None
     name, _, index = str(device).partition(":")
@@ -183,11 +183,6 @@ class Mistral4LM(TemplateLM):
                  mesh=None, device: str | None = None, max_batch_size: int | None = None, tokenizer=None,
                  add_bos_token: bool | None = None, reasoning_effort: str = "none",
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int = 0, **from_pretrained_switches: Any):
-        import jax
-
-        from .checkpoints.load import from_pretrained
-        from .text.tokenizer import Tokenizer
-
         super().__init__()
         if reasoning_effort not in REASONING_EFFORTS:
             raise InputError(f"Mistral4LM: reasoning_effort must be one of {REASONING_EFFORTS}, "
@@ -250,9 +245,6 @@ class Mistral4LM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """What the results' config records about the model."""
-        import jax
-        from flax import nnx
-
         params = jax.tree.leaves(nnx.state(self.model, nnx.Param))
         return {"model_num_parameters": int(sum(p.size for p in params)), "model_dtype": str(self.model.dtype),
                 "pretrained": self.pretrained}
@@ -286,8 +278,6 @@ class Mistral4LM(TemplateLM):
     # ------------------------------------------------------------------ log-likelihoods
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """[(log p(continuation | context), is_greedy)] of ((strings) | None, context_ids, continuation_ids)."""
-        import jax
-
         pairs = [truncate_request(list(ctx), list(cont), self.max_length) for _, ctx, cont in requests]
         order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))  # longest first, as HF
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -372,8 +362,6 @@ class Mistral4LM(TemplateLM):
     def _generate(self, prompts: list[list[int]], max_new_tokens, sampling: dict,
                   stop_strings: list[str]) -> list[list[int]]:
         """generate() over `batch_size` slots, each refilled as its request ends."""
-        import jax
-
         with jax.default_device(self._device):
             gens = generate(self.model, prompts, max_new_tokens=max_new_tokens, seed=self.seed,
                             batch_size=self.batch_size, stop_strings=stop_strings or None,
