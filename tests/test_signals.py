@@ -17,7 +17,7 @@ from mistral4_jax.demo.synthetic_tokenizer import write_tekken
 from mistral4_jax.text.images import ImageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = os.environ.get("MISTRAL4_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral4_jax", "jax"))
+CACHE = os.environ.get("MISTRAL4_TEST_CACHE", "")  # as tests/conftest.py
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 # JAX writes a persistent-cache entry in place (no temporary file and rename), so a process killed while it
 # writes one leaves a truncated entry that aborts the next process reading it: only runs that are not
