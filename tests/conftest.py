@@ -22,3 +22,20 @@ if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. A full run otherwise keeps hundreds of CPU
+    executables loaded, each holding its own memory mappings, and a late compile crashed (SIGSEGV inside
+    XLA's backend compile) once the process had accumulated them; module by module it never does."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
