@@ -2,12 +2,13 @@
 
 Errors print one line, `mistral4-jax COMMAND: error: ...`: exit 2 when the arguments or input files are
 wrong (argparse's own errors, `UsageError`, every `Mistral4Error`), 1 when a run fails otherwise.
-SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_on_signal`, `_preimport`).
+SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_on_signal`, `_signals_held`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float32", "float16")
+# checkpoints.convert.DTYPES, written out here so that building the parser imports no jax (a test keeps them equal)
+CONVERT_DTYPES = ("bfloat16", "float32", "float8")
 
 
 class UsageError(Exception):
@@ -452,23 +455,26 @@ def run_finetune(args) -> int:
 
 
 def add_convert(sub) -> None:
-    from .checkpoints.convert import add_arguments
-
     p = sub.add_parser("convert", help="convert an HF or Mistral-native safetensors checkpoint to sharded Orbax",
                        description="Streams the source one layer at a time (bounded memory), writes Orbax "
                                    "checkpoints plus config.json and the tokenizer files into a temporary sibling "
                                    "of DST, verifies every array, then renames it to DST.")
-    add_arguments(p)
+    p.add_argument("src", metavar="SRC", help="checkpoint directory: HF layout (config.json + *.safetensors) or "
+                                              "Mistral-native (params.json + consolidated*.safetensors)")
+    p.add_argument("dst", metavar="DST", help="output directory (Orbax checkpoint + config.json + tokenizer files)")
+    p.add_argument("--dtype", choices=CONVERT_DTYPES, default="bfloat16",
+                   help="bfloat16 / float32: dequantise FP8 weights; float8: keep E4M3 weights and their scales "
+                        "(default: bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still go to stderr)")
     p.set_defaults(func=run_convert)
 
 
 def run_convert(args) -> int:
-    import os
+    from .checkpoints.convert import convert  # JAX_PLATFORMS=cpu was set before jax was imported (_preimport)
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; do not claim an accelerator
-    from mistral4_jax.checkpoints.convert import run
-
-    return run(args)
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
 
 
 COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_lm_eval, add_finetune, add_convert]
@@ -482,11 +488,10 @@ INTERRUPTED = {
 
 
 _received: list[int] = []  # signals delivered to this process (the last one is re-delivered if swallowed)
-_state = {"command": None, "exit_now": False}
+_state = {"command": None, "finished": None}  # finished: a program's exit status
 
-# The modules each command imports, loaded first (jax alone takes seconds). An exception raised inside
-# a native module's initialisation aborts the process, so a signal during these imports ends it at once
-# (nothing is written yet) instead of raising.
+# The modules each command imports, loaded first (jax alone takes seconds) with SIGINT / SIGTERM held
+# (`_signals_held`). Building the parser imports none of them.
 IMPORTS = {
     "demo": ("mistral4_jax.demo.tiny", "mistral4_jax.train", "mistral4_jax.checkpoints.convert",
              "mistral4_jax.inference.generate", "mistral4_jax.inference.score"),
@@ -498,19 +503,36 @@ IMPORTS = {
     "finetune": ("mistral4_jax.checkpoints.load", "mistral4_jax.train", "mistral4_jax.text.tokenizer"),
     "convert": ("mistral4_jax.checkpoints.convert", "mistral4_jax.checkpoints.orbax"),
 }
+HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-def _preimport(command: str, program: bool) -> None:
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGINT / SIGTERM while native modules initialise. A handler that runs inside an extension
+    module's initialisation turns into an ImportError, a gc callback's swallowed exception, or an
+    interrupted system call that crashed jaxlib (SIGSEGV). The threads those modules start inherit the
+    mask, so later signals reach only the main thread. A signal sent meanwhile stays pending and is
+    delivered when the mask is restored: the handler then raises in ordinary code."""
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _preimport(command: str) -> None:
     import importlib
 
-    if command == "convert":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as run_convert: conversion is host work
-    _state["exit_now"] = program
-    try:
+    if command == "convert":  # conversion is host work; jax reads JAX_PLATFORMS when it is imported
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    with _signals_held():
         for name in IMPORTS.get(command, ()):
             importlib.import_module(name)
-    finally:
-        _state["exit_now"] = False
 
 
 def _on_signal(signum, frame):
@@ -518,18 +540,29 @@ def _on_signal(signum, frame):
     with a traceback), then raise into the main thread, where every cleanup path runs."""
     import logging
 
+    if _state["finished"] is not None:  # the command is done and the process is leaving: keep its status
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_state["finished"])
     logging.disable(logging.CRITICAL)
     _received.append(signum)
-    if _state["exit_now"]:
-        os._exit(_interrupted(None))
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _on_unraisable(unraisable) -> None:
     """An interrupt raised while a gc or weakref callback ran is swallowed by Python ("Exception
-    ignored in ..."): deliver the signal again, so that it lands in ordinary code."""
+    ignored in ..."; jax registers a gc callback): send the signal to the main thread again from a helper
+    thread a moment later, once this hook and the collection have returned. (Raised from here, by
+    `raise_signal` or `interrupt_main`, the handler would run inside this hook and be lost; if it lands in
+    a callback again, this repeats.)"""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
-        signal.raise_signal(_received[-1])
+        import threading
+
+        def again(signum=_received[-1], main=threading.main_thread().ident):
+            time.sleep(0.01)
+            signal.pthread_kill(main, signum)
+
+        threading.Thread(target=again, daemon=True).start()
         return
     sys.__unraisablehook__(unraisable)
 
@@ -544,23 +577,35 @@ def _interrupted(args) -> int:
     return 143 if term else 130
 
 
-def _run(parser, argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
+    parser.add_argument("--version", action="version", version=f"mistral4-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _run(argv) -> int:
     args = None
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
         _state["command"] = args.command
-        _preimport(args.command, program=argv is None)
+        _preimport(args.command)
         return args.func(args)
     except SystemExit:
         raise
     except BaseException as e:
         from .errors import Mistral4Error
 
-        # After a signal, whatever comes out is the interrupt, however a library re-raised it (numpy
-        # turns one during its import into an ImportError, Orbax one during a save into its own error).
+        # After a signal, whatever comes out is the interrupt, however a library re-raised it (Orbax turns
+        # one during a save into its own error).
         if _received or isinstance(e, KeyboardInterrupt):
             if not _received:
                 _received.append(signal.SIGINT)
@@ -576,37 +621,55 @@ def _run(parser, argv) -> int:
         return 1
 
 
-def main(argv=None) -> int:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX / Flax NNX.")
-    parser.add_argument("--version", action="version", version=f"mistral4-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
+def main(argv=None, *, program: bool | None = None) -> int:
+    """Run one command. `argv=None` reads sys.argv and is a program run (`program` defaults to that): the
+    process ends here with the command's exit status (`_leave`). Called with a list from Python, it returns."""
     import threading
 
+    program = argv is None if program is None else program
     on_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    previous = {s: signal.getsignal(s) for s in HELD} if on_main else {}
     for s, h in previous.items():
         if h is not signal.SIG_IGN:  # a signal ignored by whoever started us (nohup, a background job) stays so
             signal.signal(s, _on_signal)
     _received.clear()
-    _state.update(command=None, exit_now=False)
+    _state.update(command=None, finished=None)
     hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
+    rc = 1  # what a signal during shutdown leaves with if the command raised (MISTRAL4_JAX_TRACEBACK=1)
     try:
-        rc = _run(parser, argv)
+        rc = _run(argv)
+    except SystemExit as e:  # argparse: --help / --version (0), a usage error (2)
+        if not program:
+            raise
+        rc = 0 if e.code is None else e.code
     finally:
-        sys.unraisablehook = hook
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if argv is None and rc in (130, 143):
-        # A program run (not a call from Python): leave now. Interpreter teardown with XLA and Orbax
-        # threads still running can crash after an interrupt; every file is already closed or removed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        if program:  # our handlers stay: a signal from here on leaves with rc
+            _state["finished"] = rc
+        else:
+            sys.unraisablehook = hook
+            for s, h in previous.items():
+                signal.signal(s, h)
+    if program:
+        _leave(rc)
     return rc
+
+
+def _leave(rc: int) -> None:
+    """How a program run ends. The atexit functions (jax's, logging's) run with our handlers installed,
+    then the process exits without the interpreter's module teardown: Python restores the default
+    handlers there, so a signal during it killed the process without a word, and teardown with XLA and
+    Orbax threads still running can crash. After an interrupt nothing more runs at all; every file is
+    already closed or removed by then."""
+    import atexit
+
+    if rc not in (130, 143):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing left to say there
+            pass
+    os._exit(rc)
 
 
 if __name__ == "__main__":

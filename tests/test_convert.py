@@ -362,7 +362,7 @@ def test_bad_input_one_message_and_nothing_written(cases, tmp_path, capsys, edit
     dst = tmp_path / "out"
     assert main([str(src), str(dst)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("convert: error: ")
+    assert err.startswith("mistral4-jax convert: error: ")
     assert __import__("re").search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -377,3 +377,22 @@ def test_cli_subcommand_exit_code(cases, tmp_path):
                        env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "only pickle weight files (model.pt)" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_commands_keep_jax_on_the_host(tmp_path):
+    """Both spellings of the command set JAX_PLATFORMS=cpu before jax is imported (jax reads it then), so
+    conversion never claims an accelerator; building the parser imports no jax at all."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    src, dst = str(tmp_path / "none"), str(tmp_path / "out")
+    for run in (f"import mistral4_jax.cli as cli; cli.build_parser(); rc = cli.main(['convert', {src!r}, {dst!r}])",
+                f"import convert; rc = convert.main([{src!r}, {dst!r}])"):
+        script = ("import sys\n" + run.replace("; rc", "\nearly = 'jax' in sys.modules\nrc") +
+                  "\nimport jax\nprint(early, rc, jax.config.jax_platforms)")
+        r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert r.stdout.split() == ["False", "2", "cpu"], (run, r.stdout, r.stderr[-2000:])
+        assert r.stderr.startswith("mistral4-jax convert: error: "), r.stderr
+    from mistral4_jax import cli
+    from mistral4_jax.checkpoints.convert import DTYPES
+
+    assert cli.CONVERT_DTYPES == DTYPES

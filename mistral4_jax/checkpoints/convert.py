@@ -3,8 +3,8 @@
 HF or Mistral-native safetensors -> the sharded Orbax layout of
 `mistral4_jax.checkpoints.orbax`, in bounded memory.
 
-    python -m convert SRC DST [--dtype bfloat16|float32|float8] [--overwrite] [--quiet]
-    mistral4-jax convert SRC DST ...            (the same command)
+    mistral4-jax convert SRC DST [--dtype bfloat16|float32|float8] [--overwrite] [--quiet]
+    python -m convert SRC DST ...               (the same command; its flags are defined in cli.py)
 
 Design card:
 - Input is untrusted. Only `.safetensors` are read (headers validated, tensors memory-mapped); pickle
@@ -22,7 +22,6 @@ Design card:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -172,33 +171,3 @@ def _write_config(src: Path, tmp: Path, layout: str, cfg, dtype: str) -> None:
                 orig.pop("quantization_config", None)
             hf = orig
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="checkpoint directory: HF layout (config.json + *.safetensors) or "
-                                              "Mistral-native (params.json + consolidated*.safetensors)")
-    p.add_argument("dst", metavar="DST", help="output directory (Orbax checkpoint + config.json + tokenizer files)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="bfloat16 / float32: dequantise FP8 weights; float8: keep E4M3 weights and their scales "
-                        "(default: bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still go to stderr)")
-
-
-def run(args) -> int:
-    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except Mistral4Error as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert: interrupted; nothing was written", file=sys.stderr)
-        return 130
