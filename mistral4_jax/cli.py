@@ -612,6 +612,8 @@ def _run(argv) -> int:
             return _interrupted(args)
         if not isinstance(e, Exception) or os.environ.get("MISTRAL4_JAX_TRACEBACK"):
             raise
+        if isinstance(e, BrokenPipeError):  # whoever read our output stopped (`| head`): leave quietly, as
+            return 141                      # Unix tools do (128 + SIGPIPE; Python ignores the signal itself)
         if isinstance(e, (UsageError, Mistral4Error)):
             print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
             return 2

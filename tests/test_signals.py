@@ -152,3 +152,13 @@ def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
     """
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert (r.stdout.strip(), r.stderr) == ("delivered", "")
+
+
+def test_closed_output_pipe_is_quiet(hf, tmp_path):
+    """`mistral4-jax generate ... | head -c 1`: the reader left; the command stops with 141 and says nothing."""
+    p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", "generate", "--model", str(hf), "--prompt", "hi",
+                          "--max-new-tokens", "2"], cwd=ROOT, env=ENV_CACHED, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first byte
+    err = p.stderr.read().decode()
+    assert (p.wait(timeout=600), err) == (141, "")
