@@ -541,9 +541,7 @@ def _on_signal(signum, frame):
     import logging
 
     if _state["finished"] is not None:  # the command is done and the process is leaving: keep its status
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_state["finished"])
+        _exit_now(_state["finished"])
     logging.disable(logging.CRITICAL)
     _received.append(signum)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -666,6 +664,10 @@ def _leave(rc: int) -> None:
 
     if rc not in (130, 143):
         atexit._run_exitfuncs()
+    _exit_now(rc)
+
+
+def _exit_now(rc: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

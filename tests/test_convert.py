@@ -385,12 +385,14 @@ def test_convert_commands_keep_jax_on_the_host(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     src, dst = str(tmp_path / "none"), str(tmp_path / "out")
-    for run in (f"import mistral4_jax.cli as cli; cli.build_parser(); rc = cli.main(['convert', {src!r}, {dst!r}])",
-                f"import convert; rc = convert.main([{src!r}, {dst!r}])"):
-        script = ("import sys\n" + run.replace("; rc", "\nearly = 'jax' in sys.modules\nrc") +
-                  "\nimport jax\nprint(early, rc, jax.config.jax_platforms)")
+    # each: set up without jax, then run the command on a missing source (exit 2 after its imports)
+    for setup, command in (("import mistral4_jax.cli as cli; cli.build_parser()",
+                            f"cli.main(['convert', {src!r}, {dst!r}])"),
+                           ("import convert", f"convert.main([{src!r}, {dst!r}])")):
+        script = (f"import sys; {setup}\nearly = 'jax' in sys.modules\nrc = {command}\n"
+                  "import jax; print(early, rc, jax.config.jax_platforms)")
         r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
-        assert r.stdout.split() == ["False", "2", "cpu"], (run, r.stdout, r.stderr[-2000:])
+        assert r.stdout.split() == ["False", "2", "cpu"], (setup, r.stdout, r.stderr[-2000:])
         assert r.stderr.startswith("mistral4-jax convert: error: "), r.stderr
     from mistral4_jax import cli
     from mistral4_jax.checkpoints.convert import DTYPES
