@@ -79,9 +79,10 @@ class TextConfig:
     # Port switches (spec section 7). Release semantics by default.
     apply_yarn_mscale: bool = False  # True: softmax scale * mscale^2, as transformers >= PR #47435 does
     router_softmax_fp32: bool = True  # False: softmax in the activation dtype, as transformers does
-    # "grouped" (ragged_dot), "dense" (every expert; the test reference), "gather" (selected experts' slices)
-    # or "auto" (gather at small batch, grouped above; see moe.GATHER_MAX_PAIRS)
-    expert_impl: str = "grouped"
+    # "auto" (gather at a few (token, expert) pairs, the routed loop above; see moe.py), "routed" (a loop over
+    # the experts that received tokens), "gather" (each pair's expert slices), "grouped" (ragged_dot, dense over
+    # all experts unless XLA fuses it) or "dense" (every expert on every token; the test reference)
+    expert_impl: str = "auto"
     # "auto" (cuDNN's fused attention on GPU where the shapes allow, else blockwise), "blockwise" (online
     # softmax over key blocks, memory linear in length) or "reference" (the materialised scores)
     attention_impl: str = "auto"
@@ -262,8 +263,8 @@ def validate(cfg: ModelConfig) -> None:
     need(r.factor > 0 and r.rope_theta > 0, "text_config.rope_parameters: factor and rope_theta must be positive")
     need(r.original_max_position_embeddings > 0, "text_config.rope_parameters.original_max_position_embeddings must be positive")
     need(t.rms_norm_eps > 0, "text_config.rms_norm_eps must be positive")
-    need(t.expert_impl in ("grouped", "dense", "gather", "auto"),
-         f"expert_impl must be 'grouped', 'dense', 'gather' or 'auto', got {t.expert_impl!r}")
+    need(t.expert_impl in ("auto", "routed", "gather", "grouped", "dense"),
+         f"expert_impl must be 'auto', 'routed', 'gather', 'grouped' or 'dense', got {t.expert_impl!r}")
     need(t.attention_impl in ("auto", "blockwise", "reference"),
          f"attention_impl must be 'auto', 'blockwise' or 'reference', got {t.attention_impl!r}")
     v = cfg.vision

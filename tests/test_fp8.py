@@ -14,7 +14,7 @@ from flax import nnx
 import reference as R
 from convert import convert
 from mistral4_jax import from_pretrained, generate
-from mistral4_jax.model import fp8, layer_at, moe
+from mistral4_jax.model import fp8, layer_at, moe, weights
 
 TOL = 1e-5
 
@@ -46,7 +46,7 @@ def test_fp8_model_keeps_e4m3_weights_and_matches_reference(fp8_ckpt, ids):
     want |= {"language_model/layers/mlp/experts/gate_up_proj", "language_model/layers/mlp/experts/down_proj"}
     assert paths == want  # embeddings, norms, router and lm_head stay in dtype
     w = jm.language_model.layers.mlp.experts.gate_up_proj.get_value()
-    assert w.q.dtype == jnp.float8_e4m3fn and w.scale.dtype == jnp.float32
+    assert w.q.dtype == jnp.uint8 and fp8.e4m3(w.q).dtype == jnp.float8_e4m3fn and w.scale.dtype == jnp.float32
     assert w.scale.shape == (*w.q.shape[:-2], 1, w.q.shape[-1])
     assert jm.lm_head.kernel[...].dtype == jnp.float32
     assert jm.language_model.layers.mlp.gate.kernel[...].dtype == jnp.float32
@@ -124,13 +124,13 @@ def test_gather_and_auto_equal_dense(quantised):
     idx = jnp.asarray(rng.permuted(np.tile(np.arange(e), (t, 1)), axis=1)[:, :k], jnp.int32)
     w = jnp.asarray(rng.random((t, k)), jnp.float32)
     want = np.asarray(moe.experts_forward(x, w, idx, gu, dn, "silu", "dense"))
-    for impl in ("gather", "grouped", "auto"):
+    for impl in ("gather", "routed", "grouped", "auto"):
         np.testing.assert_allclose(np.asarray(moe.experts_forward(x, w, idx, gu, dn, "silu", impl)), want,
                                    rtol=1e-5, atol=1e-5)
-    assert moe.resolve_impl("auto", 16, 4) == "gather" and moe.resolve_impl("auto", 17, 4) == "grouped"
+    assert moe.resolve_impl("auto", 16, 4) == "gather" and moe.resolve_impl("auto", 17, 4) == "routed"
     # the gather path's result from arithmetic: token 0 through its experts, one at a time
-    gud = np.asarray(fp8.materialize(gu))
-    dnd = np.asarray(fp8.materialize(dn))
+    gud = np.asarray(weights.dense(gu))
+    dnd = np.asarray(weights.dense(dn))
     y0 = sum(float(w[0, j]) * (jax.nn.silu(x[0] @ gud[idx[0, j], :, :f]) * (x[0] @ gud[idx[0, j], :, f:]))
              @ dnd[idx[0, j]] for j in range(k))
     np.testing.assert_allclose(np.asarray(moe.experts_forward(x, w, idx, gu, dn, "silu", "gather"))[0], y0,

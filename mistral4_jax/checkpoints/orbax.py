@@ -226,7 +226,7 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
     scale_shardings = {p: fp8.scale_sharding(shardings[p]) for p in shapes if specs[p]["scaled"] or weights == "fp8"}
     keep_fp8 = fp8.fp8_paths(model) if weights == "fp8" else set()
     values: dict[str, jax.Array] = {}
-    scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3, scales[p] float32
+    scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3 bits, scales[p] float32
 
     def at(sharding, layer):
         return sharding if layer is None else shard_lib.drop_leading_axis(sharding)
@@ -251,6 +251,7 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
                     if s is None:
                         w = jax.jit(fp8.quantize)(x)
                         x, s = w.q, w.scale
+                    x = fp8.bits(x)
                     read.assemble(scales, p, layer, s, fp8.scale_shape(shapes[p]), scale_shardings[p])
                 elif s is not None:
                     x = read.to_layout(x, s, COPY, dtype)

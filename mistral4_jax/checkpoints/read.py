@@ -238,7 +238,7 @@ def _read_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtyp
             w = fp8.quantize(jnp.asarray(q))
             q, s = w.q, w.scale
         at = (lambda sh: sh) if layer is None else shard_lib.drop_leading_axis
-        assemble(q_all, path, layer, _placed(q, at(qsh)), shape, qsh)
+        assemble(q_all, path, layer, _placed(fp8.bits(np.asarray(q)), at(qsh)), shape, qsh)
         assemble(s_all, path, layer, _placed(s, at(ssh)), fp8.scale_shape(shape), ssh)
     return fp8.Fp8Weight(q_all[path], s_all[path], jnp.dtype(dtype).name)
 

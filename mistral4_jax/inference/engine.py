@@ -2,9 +2,9 @@
 
 Two compiled programs, both with the cache and the slot state donated, and a host loop between them:
 
-- `_insert`: one prefill chunk for each of P slots (their cache rows gathered, run through the cached
-  forward, scattered back). On a prompt's last chunk it samples the request's first token and makes
-  the slot live.
+- `_insert`: one prefill chunk for each of P slots, written into their cache rows in place (each layer
+  writes the chunk's latents at their slots and reads only the filled blocks before them). On a prompt's
+  last chunk it samples the request's first token and makes the slot live.
 - `_decode_steps`: up to n steps of one token for every slot, in a `lax.while_loop` that exits early
   when slots finish while requests wait (a few at once, or a few steps after the first), so that the
   host can give them to the next requests.
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import InputError
-from ..model.cache import Cache, cache_bytes_per_token, init_cache
+from ..model.cache import cache_bytes_per_token, init_cache
 from ..sharding import ACT_BV, constrain, to_global
 from .batching import batch_bucket, pow2
 from .sampling import sample_rows
@@ -120,9 +120,7 @@ def _insert(graphdef, treedef, leaves, cache, slots: Slots, x, rows_p, starts_p,
         x = model.embed(x)
     p, c = x.shape[:2]
     b = slots.live.shape[0]
-    sub = Cache(*(a.at[:, rows_p].get(mode="clip") for a in cache))
-    h, sub = model.forward_cached(x, starts_p[:, None] + jnp.arange(c, dtype=jnp.int32), sub, mesh)
-    cache = Cache(*(a.at[:, rows_p].set(s, mode="drop") for a, s in zip(cache, sub)))
+    h, cache = model.forward_cached(x, starts_p[:, None] + jnp.arange(c, dtype=jnp.int32), cache, mesh, rows_p)
     last = jnp.clip(lens_p - 1 - starts_p, 0, c - 1)
     tok = _sample(model, h[jnp.arange(p), last], mesh, sampling, reqs_p, jnp.zeros_like(reqs_p))
     hist = jnp.full((p, slots.hist.shape[1]), -1, jnp.int32).at[:, -1].set(tok)

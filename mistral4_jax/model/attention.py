@@ -264,9 +264,41 @@ def expanded_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, s
     return jax.lax.cond(cudnn_mask_form(q_pos_bt, k_pos_bs, k_valid_bs), cudnn, blockwise, *args)
 
 
-# ---------------------------------------------------------------------- absorbed form against the cache
+# ---------------------------------------------------------------------- against the latent cache
+def read_cache_block(x, start, size: int, layer=None, rows_b=None, dtype=None) -> jax.Array:
+    """Slots start .. start + size of the cache rows, [B, size, dim], read in place.
+
+    x: one layer's [B, S, dim], or the stacked [L, B, S, dim] with `layer` the index to read. rows_b: the
+    cache row of each query row (default: row b is cache row b); indices past the cache read its last row
+    (padding rows, whose results nobody uses). Only this block is read: never a whole row or layer."""
+    lead = () if layer is None else (layer,)
+    if rows_b is None:
+        b = x.shape[-3]
+        blk = jax.lax.dynamic_slice(x, (*lead, 0, start, 0), (*(1,) * len(lead), b, size, x.shape[-1]))
+        blk = blk.reshape(b, size, x.shape[-1])
+    else:
+        rows = jnp.minimum(rows_b, x.shape[-3] - 1)[:, None]
+        blk = x[(*lead, rows, start + jnp.arange(size, dtype=jnp.int32)[None, :])]
+    return blk if dtype is None else blk.astype(dtype)
+
+
+def _key_blocks(q_pos_bt, s: int, block_k: int):
+    """(block size, number of blocks to visit) for a query batch against S cache slots: the blocks up to the
+    largest query position. The last block may overhang the buffer: it is read ending at S, and
+    `_block_slots` masks the slots a previous block already covered."""
+    bk = min(s, block_k)
+    return bk, jnp.minimum(jnp.max(q_pos_bt) // bk + 1, -(-s // bk))
+
+
+def _block_slots(j, bk: int, s: int):
+    """(start of block j as read, its slots [bk], mask of slots not covered by an earlier block [bk])."""
+    start = jnp.minimum(j * bk, s - bk)
+    slots = start + jnp.arange(bk, dtype=jnp.int32)
+    return start, slots, slots >= j * bk
+
+
 def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
-                     layer=None, block_k: int | None = None) -> jax.Array:
+                     layer=None, block_k: int | None = None, rows_b=None) -> jax.Array:
     """`ops.mla_absorbed_attention` against the latent cache, one key block at a time -> [B, T, H, V].
 
     Cache slot s holds the token at position s, and a query at position p attends to slots <= p (the
@@ -275,31 +307,21 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
     whole buffer. Per block (spec 3.3.6), with q_lat = W_UK^T q_nope [B, T, H, C]:
       s = (q_lat . c[s] + q_pe . k_pe[s]) * scale,   o_lat = online-softmax(s) @ c,
     and out = W_UV o_lat. c_kv [B, S, C] and k_pe [B, S, R], or [L, B, S, .] with `layer` the index
-    to read: blocks are sliced straight out of the stacked cache, which is never copied.
+    to read; rows_b: the cache rows the queries belong to (`read_cache_block`). Blocks are sliced
+    straight out of the stacked cache, which is never copied.
     block_k: default BLOCK_K, or DECODE_BLOCK_K for a single query. Inference only (no VJP through
     the run-time trip count).
     """
     b, t, h, _ = q_nope_bthn.shape
     s = c_kv.shape[-2]
-    bk = min(s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K))
-    lead = () if layer is None else (layer,)
-
-    def read(x, start):  # [B, bk, dim] of slots start.., from the (stacked) cache
-        idx = (*lead, 0, start, 0)
-        blk = jax.lax.dynamic_slice(x, idx, (*(1,) * len(lead), b, bk, x.shape[-1]))
-        return blk.reshape(b, bk, x.shape[-1]).astype(q_nope_bthn.dtype)
-
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K))
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope_bthn, w_uk_chn)
     q_pos = q_pos_bt.astype(jnp.int32)
-    n_blocks = jnp.minimum(jnp.max(q_pos) // bk + 1, -(-s // bk))
 
     def body(j, carry):
-        # The last block may overhang the buffer: read it ending at S, and mask the slots a previous
-        # block already covered.
-        start = jnp.minimum(j * bk, s - bk)
-        c_j, kpe_j = read(c_kv, start), read(k_pe, start)
-        slots = start + jnp.arange(bk, dtype=jnp.int32)
-        m = ((slots[None, None, :] <= q_pos[:, :, None]) & (slots >= j * bk)[None, None, :])[:, None]
+        start, slots, fresh = _block_slots(j, bk, s)
+        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, q_nope_bthn.dtype) for x in (c_kv, k_pe))
+        m = ((slots[None, None, :] <= q_pos[:, :, None]) & fresh[None, None, :])[:, None]
         sc = (jnp.einsum("bthc,bsc->bhts", q_lat, c_j, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_pe_bthr, kpe_j, preferred_element_type=jnp.float32))
         sc = jnp.where(m, sc * jnp.float32(scale), _NEG_INF)
@@ -312,3 +334,43 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     o_lat = _normalise(l, acc).astype(q_nope_bthn.dtype).swapaxes(1, 2)  # [B, T, H, C]
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv_chv)
+
+
+def expanded_cache_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
+                             layer=None, block_k: int | None = None, rows_b=None) -> jax.Array:
+    """The same attention as `latent_attention`, in the expanded form: each key block's latents are expanded
+    to per-head keys k_nope = c W_UK [B, bk, H, N] and values v = c W_UV [B, bk, H, V], then
+      s = (q_nope . k_nope + q_pe . k_pe) * scale,   out = online-softmax(s) @ v.
+    Per (query, key) pair this costs H (N + R + V) multiply-adds against the absorbed form's H (2C + R), plus
+    H C (N + V) per key and block to expand: cheaper once a chunk has more than `expanded_pays_from` queries
+    (the serving engines prefill this way and decode absorbed). Reads the cache as `latent_attention` does."""
+    b, t, h, _ = q_nope_bthn.shape
+    s = c_kv.shape[-2]
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or BLOCK_K)
+    q_pos = q_pos_bt.astype(jnp.int32)
+    dt = q_nope_bthn.dtype
+
+    def body(j, carry):
+        start, slots, fresh = _block_slots(j, bk, s)
+        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, dt) for x in (c_kv, k_pe))
+        k_nope = jnp.einsum("bsc,chn->bshn", c_j, w_uk_chn)
+        v = jnp.einsum("bsc,chv->bshv", c_j, w_uv_chv)
+        m = ((slots[None, None, :] <= q_pos[:, :, None]) & fresh[None, None, :])[:, None]
+        sc = (jnp.einsum("bthn,bshn->bhts", q_nope_bthn, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_pe_bthr, kpe_j, preferred_element_type=jnp.float32))
+        sc = jnp.where(m, sc * jnp.float32(scale), _NEG_INF)
+        pv = lambda p: jnp.einsum("bhts,bshv->bhtv", p.astype(dt), v,  # noqa: E731
+                                  preferred_element_type=jnp.float32)
+        return _online_update(carry, sc, pv)
+
+    init = (jnp.full((b, h, t), _NEG_INF), jnp.zeros((b, h, t)), jnp.zeros((b, h, t, w_uv_chv.shape[-1])))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return _normalise(l, acc).astype(dt).swapaxes(1, 2)  # [B, T, H, V]
+
+
+def expanded_pays_from(kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int) -> float:
+    """The chunk length above which `expanded_cache_attention` does fewer multiply-adds than the absorbed
+    form: T (N + R + V) + C (N + V) < T (2C + R)  <=>  T > C (N + V) / (2C - N - V) (per head; infinite when
+    2C <= N + V, where expanding never pays). 153.6 for Mistral Small 4."""
+    c, nv = kv_lora_rank, qk_nope_head_dim + v_head_dim
+    return c * nv / (2 * c - nv) if 2 * c > nv else float("inf")

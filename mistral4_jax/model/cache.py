@@ -48,12 +48,15 @@ def cache_bytes_per_token(cfg: TextConfig, dtype) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize * cfg.num_hidden_layers
 
 
-def write_layer(cache: Cache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array, start_b: jax.Array) -> Cache:
+def write_layer(cache: Cache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array, start_b: jax.Array,
+                rows_b: jax.Array | None = None) -> Cache:
     """Write T new tokens per row (row b at slots start[b]..) into layer `layer` (a traced index).
 
-    One scatter into the stacked cache, which XLA does in place: no layer of the cache is copied."""
+    rows_b: the cache row of each input row (default: row b is cache row b); a row index past the cache is
+    padding and writes nothing. One scatter into the stacked cache, which XLA does in place: no layer or
+    row of the cache is copied."""
     b, t = c_kv_btc.shape[:2]
-    rows = jnp.arange(b)[:, None]
+    rows = (jnp.arange(b) if rows_b is None else rows_b)[:, None]
     slots = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
-    return Cache(*(full.at[layer, rows, slots].set(new.astype(full.dtype))
+    return Cache(*(full.at[layer, rows, slots].set(new.astype(full.dtype), mode="drop")
                    for full, new in ((cache.c_kv, c_kv_btc), (cache.k_pe, k_pe_btr))))

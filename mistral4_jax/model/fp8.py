@@ -1,21 +1,23 @@
 """FP8 weights in memory: an E4M3 kernel with a float32 scale per output column (spec 2.4).
 
-A quantised weight is an `Fp8Weight` pytree (q [..., in, out] float8_e4m3fn, scale [..., 1, out] float32)
-stored as the value of the parameter it replaces. Every consumer reads weights with `param[...]`
-(`nnx.Linear`, the routed experts, the absorbed decode's `kv_b_proj.kernel[...]`), and
-`Fp8Weight[...]` returns the dequantised kernel
+A quantised weight is an `Fp8Weight` (a weight kind, `weights.py`): `q` [..., in, out] holds the E4M3 values
+as their uint8 bit patterns and `scale` [..., 1, out] float32, stored as the value of the parameter it
+replaces. `w.dense()` / `w[...]` returns the dequantised kernel
 
-    W = q.astype(dtype) * scale.astype(dtype)          [..., in, out]
+    W = e4m3(q).astype(dtype) * scale.astype(dtype)          [..., in, out]
 
-so this is the one place where FP8 weights are turned into matmul operands, and the model code is the
-same for both kinds of weights. The scale is folded on the weight side (convert and multiply as the
-producer of the dot operand) because that form is exactly `x @ W` for any consumer, including the
-gathered, grouped (ragged_dot) and absorbed-attention matmuls whose output columns are not the kernel's.
-XLA fuses such elementwise producers into the GEMM fusion on GPU; whether it does on the pinned jaxlib
-(rather than writing a bf16 copy of the weight) is checked by the GPU benchmark (`bench/bench_gpu.py`,
-bytes per step against the roofline), not assumed. The routed experts are gathered or grouped on `q`
-and `scale` before dequantising (`moe.take_experts`), so at small batch only the selected experts'
-FP8 bytes are read.
+so every consumer (`nnx.Linear`, the routed experts, the absorbed decode's `kv_b_proj.kernel[...]`) reads it
+like a plain kernel. The scale is folded on the weight side (convert and multiply as the producer of the dot
+operand) because that form is exactly `x @ W` for any consumer, including the routed experts' per-expert
+matmuls whose output columns are not the kernel's. The routed experts select experts on `q` and `scale`
+(`weights.index` / `weights.take`) and dequantise one expert's slice at a time, so a decode step reads only
+the experts it routes to.
+
+Why uint8 bits rather than an E4M3 array: a program that slices an E4M3 array inside a loop (the layer scan,
+the per-expert loop) is rewritten by XLA:CPU to convert the whole array to f16 first (it has no E4M3 data
+movement), which reads every expert of every layer per call. Slicing bytes and reinterpreting only the slice
+(`bitcast_convert_type`, free on every backend) keeps the work to the routed experts everywhere. Checkpoints
+keep E4M3 on disk; `of_e4m3` turns loaded E4M3 arrays into bits.
 
 Which parameters are kept in FP8: those created with the `fp8=True` tag (`layers.param_meta`; read by
 `fp8_paths`): the attention projections, the shared-expert and dense-layer MLPs and the routed experts
@@ -66,19 +68,40 @@ def scale_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return sharding
 
 
+def bits(q: jax.Array) -> jax.Array:
+    """E4M3 values as their uint8 bit patterns (numpy arrays stay on the host, as a view)."""
+    if isinstance(q, np.ndarray):
+        return q.view(np.uint8) if q.dtype != np.uint8 else q
+    return q if q.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(q, jnp.uint8)
+
+
+def e4m3(q_bits: jax.Array) -> jax.Array:
+    """uint8 bit patterns read as E4M3 values (no data movement)."""
+    return jax.lax.bitcast_convert_type(q_bits, E4M3)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Fp8Weight:
-    """A kernel kept as E4M3 `q` [..., in, out] and float32 `scale` [..., 1, out]; read as q * scale in `dtype`."""
+    """A kernel kept as E4M3 bits `q` (uint8) [..., in, out] and float32 `scale` [..., 1, out]; read as
+    e4m3(q) * scale in `dtype`."""
 
     q: jax.Array
     scale: jax.Array
     dtype: str = dataclasses.field(metadata=dict(static=True))
 
+    @classmethod
+    def of_e4m3(cls, q: jax.Array, scale: jax.Array, dtype) -> Fp8Weight:
+        """From E4M3 values (or their bits) and scales, as checkpoints hold them."""
+        return cls(bits(q), scale, jnp.dtype(dtype).name)
+
+    def dense(self) -> jax.Array:
+        return dequantize(self.q, self.scale, self.dtype)
+
     def __getitem__(self, key):
         if key is not Ellipsis:
             raise TypeError("an FP8 weight is read whole, as param[...]")
-        return dequantize(self.q, self.scale, self.dtype)
+        return self.dense()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -89,9 +112,9 @@ class Fp8Weight:
         return int(self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize)
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """W = q.astype(dtype) * scale.astype(dtype): q [..., in, out] E4M3, scale [..., 1, out]."""
-    return q.astype(dtype) * scale.astype(dtype)
+def dequantize(q_bits: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """W = e4m3(q).astype(dtype) * scale.astype(dtype): q [..., in, out] E4M3 bits, scale [..., 1, out]."""
+    return e4m3(q_bits).astype(dtype) * scale.astype(dtype)
 
 
 def quantize(w: jax.Array, dtype=None) -> Fp8Weight:
@@ -102,26 +125,7 @@ def quantize(w: jax.Array, dtype=None) -> Fp8Weight:
     amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-2, keepdims=True)
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
     q = (w.astype(jnp.float32) / scale).astype(E4M3)
-    return Fp8Weight(q, scale, jnp.dtype(dtype or w.dtype).name)
-
-
-def weight(param):
-    """A parameter's value for the expert matmuls: the `Fp8Weight` itself (so that experts can be
-    selected before dequantising), else `param[...]` (plain arrays and wrapped values such as LoRA's)."""
-    v = param.get_value() if hasattr(param, "get_value") else param
-    return v if isinstance(v, Fp8Weight) else param[...]
-
-
-def materialize(w) -> jax.Array:
-    """An expert weight as an array in its compute dtype (dequantised if FP8)."""
-    return w[...] if isinstance(w, Fp8Weight) else w
-
-
-def take(w, idx: jax.Array):
-    """w[idx] along the leading (expert) axis; for FP8 the gather runs on q and scale (1-byte reads)."""
-    if isinstance(w, Fp8Weight):
-        return Fp8Weight(w.q[idx], w.scale[idx], w.dtype)
-    return w[idx]
+    return Fp8Weight.of_e4m3(q, scale, dtype or w.dtype)
 
 
 def param_bytes(state) -> int:

@@ -96,15 +96,16 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         return jnp.where(is_img.reshape(*x.shape[:2], 1), feats, x)
 
     def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, hooks: Hooks = NO_HOOKS,
-                      remat: bool = False):
+                      remat: bool = False, train: bool = False):
         """Final-norm hidden states of the text stack for a full (uncached) sequence."""
         valid = None if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        return self.language_model(inputs_embeds_btd, positions_bt, valid, hooks=hooks, remat=remat)[0]
+        return self.language_model(inputs_embeds_btd, positions_bt, valid, hooks=hooks, remat=remat, train=train)[0]
 
-    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None):
+    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None, rows_b=None):
         """(final-norm hidden states [B, T, D], cache) of T new tokens per row whose embeddings (`embed`)
-        are x_btd, at per-row consecutive positions positions_bt (also their cache slots)."""
-        return self.language_model.forward_cached(x_btd, positions_bt, cache, mesh)
+        are x_btd, at per-row consecutive positions positions_bt (also their cache slots) of cache rows
+        rows_b (default: row b)."""
+        return self.language_model.forward_cached(x_btd, positions_bt, cache, mesh, rows_b)
 
     def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None):
         """(hidden states [B, T, D], filled cache) of a right-padded prompt batch, `chunk` tokens at a time."""
@@ -128,15 +129,16 @@ class Mistral3ForConditionalGeneration(nnx.Module):
                                               positions=positions))
 
     def final_hidden(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
-                     positions=None, remat: bool = False) -> jax.Array:
+                     positions=None, remat: bool = False, train: bool = False) -> jax.Array:
         """The final-norm hidden states [B, T, H] that `__call__` applies `lm_head` to, without the head.
 
         Arguments as `__call__`. Losses that need one log-probability per position apply the head a
         chunk at a time from here (`logprobs.target_logprobs`), so no [B, T, vocab] logits exist.
-        remat: recompute each decoder layer in the backward pass (training memory).
+        remat: recompute each decoder layer in the backward pass (training memory). train: the call is
+        differentiated (the routed experts' gradients come back per layer; `Mistral4Model.__call__`).
         """
         x, positions = self._embed_inputs(input_ids, pixel_values, image_sizes, positions)
-        return self.hidden_states(x, positions, attention_mask, remat=remat)
+        return self.hidden_states(x, positions, attention_mask, remat=remat, train=train)
 
     def probe(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None, positions=None,
               capture: Capture | None = None, intervene: Intervention | None = None) -> ForwardOutput:
@@ -148,11 +150,11 @@ class Mistral3ForConditionalGeneration(nnx.Module):
 
     def probe_hidden(self, input_ids, pixel_values=None, image_sizes=None, *, attention_mask=None,
                      positions=None, capture: Capture | None = None, intervene: Intervention | None = None,
-                     remat: bool = False) -> tuple[jax.Array, ForwardOutput]:
+                     remat: bool = False, train: bool = False) -> tuple[jax.Array, ForwardOutput]:
         """(`final_hidden`, `ForwardOutput` with logits None and the captured arrays), `intervene` applied."""
         x, positions = self._embed_inputs(input_ids, pixel_values, image_sizes, positions)
         probe = Probe.make(capture, intervene, self.config.text, *x.shape[:2])
-        h = self.hidden_states(x, positions, attention_mask, probe, remat)
+        h = self.hidden_states(x, positions, attention_mask, probe, remat, train)
         return h, probe.collect(self, None, h)
 
     def _embed_inputs(self, input_ids, pixel_values, image_sizes, positions) -> tuple[jax.Array, jax.Array]:

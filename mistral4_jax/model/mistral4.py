@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import attention, fp8, moe, ops
+from . import attention, moe, ops, weights
 from ..config import TextConfig
 from ..errors import InputError
 from ..sharding import ACT_BTD, constrain
@@ -78,7 +78,9 @@ class Mistral4Experts(nnx.Module):
         self.impl = cfg.expert_impl
 
     def __call__(self, x_th, weights_tk, idx_tk):
-        gate_up, down = fp8.weight(self.gate_up_proj), fp8.weight(self.down_proj)
+        # the values as stored (arrays or weight kinds, e.g. FP8 bits and scales): the dispatch selects experts
+        # before anything is dequantised
+        gate_up, down = self.gate_up_proj.get_value(), self.down_proj.get_value()
         return over_token_chunks(lambda x, w, i: moe.experts_forward(x, w, i, gate_up, down, self.act, self.impl),
                                  EXPERT_TOKEN_CHUNK, x_th, weights_tk, idx_tk)
 
@@ -174,12 +176,14 @@ class Mistral4Attention(nnx.Module):
                                              c.attention_impl)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def attend_latent(self, q_bthd, cache: Cache, index, positions_bt) -> jax.Array:
-        """`attend` in the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after attention.
+    def attend_latent(self, q_bthd, cache: Cache, index, positions_bt, rows_b=None) -> jax.Array:
+        """`attend` against layer `index` of the latent cache (c_kv [L, B, S, kv_lora_rank], k_pe [L, B, S,
+        rope]), rows rows_b of it (default: row b); a query at position p attends to slots <= p.
 
-        Reads layer `index` of the latent cache (c_kv [L, B, S, kv_lora_rank], k_pe [L, B, S, rope]) once
-        for all heads; a query at position p attends to slots <= p. The blockwise form reads only the
-        key blocks up to the largest position, straight from the stacked cache."""
+        Decode and short chunks use the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after
+        attention, the cache read once for all heads. Chunks longer than `attention.expanded_pays_from`
+        expand each key block to per-head keys and values instead (fewer multiply-adds there). Both read
+        only the key blocks up to the largest position, straight from the stacked cache."""
         c = self.cfg
         w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_attention_heads,
                                                 c.qk_nope_head_dim + c.v_head_dim)
@@ -188,27 +192,31 @@ class Mistral4Attention(nnx.Module):
         if c.attention_impl == "reference":
             c_kv, k_pe = (jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False).astype(q_bthd.dtype)
                           for x in cache)
+            if rows_b is not None:
+                c_kv, k_pe = (x[jnp.minimum(rows_b, x.shape[0] - 1)] for x in (c_kv, k_pe))
             slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions_bt.dtype), c_kv.shape[:2])
             mask = ops.causal_mask(positions_bt, slots)
             o = ops.mla_absorbed_attention(q_nope, q_pe, w_uk, w_uv, c_kv, k_pe, mask, c.softmax_scale)
         else:
-            o = attention.latent_attention(q_nope, q_pe, w_uk, w_uv, cache.c_kv, cache.k_pe, positions_bt,
-                                           c.softmax_scale, layer=index)
+            expanded = q_bthd.shape[1] > attention.expanded_pays_from(c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim)
+            attend = attention.expanded_cache_attention if expanded else attention.latent_attention
+            o = attend(q_nope, q_pe, w_uk, w_uv, cache.c_kv, cache.k_pe, positions_bt, c.softmax_scale, layer=index,
+                       rows_b=rows_b)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
-                 hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
+                 hooks: Hooks = NO_HOOKS, rows_b=None) -> tuple[jax.Array, Cache | None]:
         """(output [B, T, hidden], cache). Without a cache: expanded attention over the T tokens
         themselves, causal over positions_bt, keys limited to valid_bt [B, T] (None: all). With one:
-        the tokens' latents are written into layer `index` (a traced scan input) at their positions
-        (consecutive per row), then absorbed attention reads that layer's slots up to each token's
-        position."""
+        the tokens' latents are written into layer `index` (a traced scan input) of cache rows rows_b
+        (default: row b) at their positions (consecutive per row), then attention reads that layer's slots
+        up to each token's position, in place."""
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         if cache is None:
             return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, positions_bt, valid_bt,
                                hooks), None
-        cache = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0])
-        return self.attend_latent(self.query(x_btd, cos, sin, positions_bt), cache, index, positions_bt), cache
+        cache = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0], rows_b)
+        return self.attend_latent(self.query(x_btd, cos, sin, positions_bt), cache, index, positions_bt, rows_b), cache
 
 
 # The largest [B, heads, T, S] fp32 probability tensor an attention capture may build per layer.
@@ -237,34 +245,54 @@ class Mistral4DecoderLayer(nnx.Module):
             self.mlp = Mistral4MoE(cfg, dtype, rngs)
 
     def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
-                 hooks: Hooks = NO_HOOKS) -> tuple[jax.Array, Cache | None]:
+                 hooks: Hooks = NO_HOOKS, rows_b=None) -> tuple[jax.Array, Cache | None]:
         """x + attn(norm(x)), then + mlp(norm(.)): (output [B, T, hidden], cache).
 
-        cache / index: the latent cache and this layer's absolute index (a traced scan input; see
-        `Mistral4Attention.__call__`); hooks: bound to this layer (`Hooks.at_layer`)."""
-        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, valid_bt, cache, index, hooks)
+        cache / index / rows_b: the latent cache, this layer's absolute index (a traced scan input) and the
+        cache rows of the batch rows (see `Mistral4Attention.__call__`); hooks: bound to this layer
+        (`Hooks.at_layer`)."""
+        a, cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, positions_bt, valid_bt, cache, index, hooks,
+                                  rows_b)
         h = x_btd + a
         x = self.post_attention_layernorm(h)
         y = self.mlp(x, hooks) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
         return hooks.layer_output(self, h + y), cache
 
 
-def scan_layers(stack: nnx.Module, carry, fn: Callable, remat: bool = False, xs=None):
+def _read_per_expert(v) -> bool:
+    """A stacked parameter whose second axis is the expert axis: the routed experts."""
+    axes = v.get_metadata().get("out_sharding") or ()
+    return isinstance(v, nnx.Param) and len(axes) > 1 and axes[1] == "expert"
+
+
+def scan_layers(stack: nnx.Module, carry, fn: Callable, remat: bool = False, xs=None, experts_in_place: bool = True):
     """Run `carry = fn(layer, carry)` over a stacked module with `jax.lax.scan` (one compiled layer body).
 
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint` of the body).
     xs: optional per-layer inputs (a pytree with the depth as leading axis); then `fn(layer, carry, xs_l)`.
+    experts_in_place: the routed experts are not sliced per layer: the layer sees each as a
+    `weights.Stacked` view of the whole stack, from which the expert dispatch reads the experts it routes
+    to (a scan slice is a copy of the layer's whole expert stack once a loop reads it). Training passes
+    False: gradients then come back per layer, as scan slices them.
     `nnx.Intermediate` values a layer stores come back stacked on the stack module.
     """
     graphdef, state = nnx.split(stack)
+    flat = list(nnx.to_flat_state(state))
+    whole = [(p, v) for p, v in flat if experts_in_place and _read_per_expert(v)]
+    scanned = nnx.from_flat_state([(p, v) for p, v in flat if not (experts_in_place and _read_per_expert(v))])
+    depth = jax.tree.leaves(scanned)[0].shape[0]
 
     def body(carry, inputs):
-        layer_state, xs_l = (inputs, None) if xs is None else inputs
+        layer_state, i, xs_l = inputs
+        if whole:
+            views = [(p, v.replace(weights.Stacked(v.get_value(), i))) for p, v in whole]
+            layer_state = nnx.from_flat_state(list(nnx.to_flat_state(layer_state)) + views)
         layer = nnx.merge(graphdef, layer_state)
         out = fn(layer, carry) if xs is None else fn(layer, carry, xs_l)
         return out, nnx.state(layer, nnx.Intermediate)
 
-    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, carry, state if xs is None else (state, xs))
+    out, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, carry,
+                             (scanned, jnp.arange(depth, dtype=jnp.int32), xs))
     if len(sown):
         nnx.update(stack, sown)
     return out
@@ -302,19 +330,21 @@ class Mistral4Model(nnx.Module):
 
     def __call__(self, inputs_embeds_btd: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array | None = None,
                  cache: Cache | None = None, hooks: Hooks = NO_HOOKS, remat: bool = False,
-                 mesh=None) -> tuple[jax.Array, Cache | None]:
+                 mesh=None, train: bool = False, rows_b=None) -> tuple[jax.Array, Cache | None]:
         """(final-norm hidden states [B, T, hidden], cache): the one scan driver over both stacks.
 
         valid_bt: [B, T] bool, the tokens other tokens may attend to (None: all; ignored with a cache,
-        where a token attends to the slots at or before its position). remat: recompute each
-        layer in the backward pass (training). mesh: keep activations batch-split between layers.
+        where a token attends to the slots at or before its position). rows_b: with a cache, the cache
+        row of each batch row (default: row b). remat: recompute each layer in the backward pass. train:
+        the forward is differentiated (the layer scan slices the routed experts per layer, see
+        `scan_layers`). mesh: keep activations batch-split between layers.
         """
         cos, sin = self.rope(positions_bt, inputs_embeds_btd.dtype)
 
         def layer_fn(layer, carry, xs_l=None):
             x, cache = carry
             index = None if xs_l is None else xs_l["index"]
-            x, cache = layer(x, cos, sin, positions_bt, valid_bt, cache, index, hooks.at_layer(xs_l))
+            x, cache = layer(x, cos, sin, positions_bt, valid_bt, cache, index, hooks.at_layer(xs_l), rows_b)
             return constrain(x, mesh, ACT_BTD), cache
 
         carry = (hooks.embeddings(self, constrain(inputs_embeds_btd, mesh, ACT_BTD)), cache)
@@ -323,18 +353,20 @@ class Mistral4Model(nnx.Module):
             if cache is not None or hooks.active:
                 xs = {"index": jnp.arange(first, first + n, dtype=jnp.int32),
                       **hooks.layer_inputs(stack is self.layers)}
-            carry = scan_layers(stack, carry, layer_fn, remat, xs)
+            carry = scan_layers(stack, carry, layer_fn, remat, xs, experts_in_place=not train)
         x, cache = carry
         return self.norm(x), cache
 
     def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache,
-                       mesh=None) -> tuple[jax.Array, Cache]:
+                       mesh=None, rows_b=None) -> tuple[jax.Array, Cache]:
         """Final-norm hidden states [B, T, D] of T new tokens per row, and the cache with them written.
 
         x_btd: input embeddings; row b's tokens sit at positions_bt[b] = p_b, p_b + 1, ..., which are
-        also their cache slots. A token attends to the slots at or before its position.
+        also their cache slots, in cache row rows_b[b] (default b; an index past the cache is padding:
+        written nowhere). A token attends to the slots at or before its position. The cache is written
+        and read in place: a chunk touches its own slots and the filled blocks before them, nothing else.
         """
-        return self(x_btd, positions_bt, None, cache, mesh=mesh)
+        return self(x_btd, positions_bt, None, cache, mesh=mesh, rows_b=rows_b)
 
     def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None) -> tuple[jax.Array, Cache]:
         """Run a right-padded prompt batch [B, T] (T a multiple of `chunk`) through the stack chunk by chunk.

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import InputError
+from ..model import weights
 from ..model.layers import LORA_GROUPS
 
 DEFAULT_TARGETS = ("attention",)
@@ -57,17 +58,25 @@ class LoRAConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LoRAWeight:
-    """A weight read as W + scale * A @ B (A [..., in, r], B [..., r, out]); `scale` is static."""
+    """A weight kind (`model/weights.py`) read as W + scale * A @ B (A [..., in, r], B [..., r, out]); the
+    base W is a plain array or another kind (FP8), `scale` is static."""
 
-    w: jax.Array
+    w: object
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True))
 
+    def dense(self) -> jax.Array:
+        return effective_weight(weights.dense(self.w), self.a, self.b, self.scale)
+
     def __getitem__(self, key):
         if key is not Ellipsis:
             raise TypeError("a LoRA weight is read whole, as param[...]")
-        return effective_weight(self.w, self.a, self.b, self.scale)
+        return self.dense()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
 
 
 def effective_weight(w, a, b, scale: float) -> jax.Array:

@@ -127,10 +127,10 @@ def loss_fn(trainable, frozen, batch, graphdef, cfg: TrainConfig, images=None):
     aux = jnp.zeros((), jnp.float32)
     if cfg.router_aux_weight > 0 and model.language_model.layers is not None:  # the aux loss reads the router
         h, out = model.probe_hidden(ids, pixels, sizes, attention_mask=mask, capture=Capture(router=True),
-                                    remat=cfg.remat)
+                                    remat=cfg.remat, train=True)
         aux = load_balancing_loss(out.router_logits, mask.reshape(-1), model.config.text)
     else:
-        h = model.final_hidden(ids, pixels, sizes, attention_mask=mask, remat=cfg.remat)
+        h = model.final_hidden(ids, pixels, sizes, attention_mask=mask, remat=cfg.remat, train=True)
     ce, n = chunked_cross_entropy(h, model.lm_head.kernel[...], ids, batch["targets"], cfg.loss_chunk)
     return ce + cfg.router_aux_weight * aux, (ce, aux, n)
 
