@@ -3,9 +3,13 @@
 Each parameter names its logical axes where it is created (`model/layers.py`, NNX variable metadata);
 one mapping, `LOGICAL_TO_MESH`, sends logical axes to the mesh axes `data`, `expert` and `tensor`.
 Routed experts split over `expert` (expert parallelism); attention heads, the shared expert's (and
-dense layers') FFN width and the vocabulary over `tensor`; the batch of activations and caches over
-`data`. The indirection exists so that a sharding strategy is tried by changing one mapping. The same
-code runs on one device, on a mesh, and on several hosts (`jax.distributed`).
+dense layers') FFN width and the vocabulary over `tensor`; the batch of activations and the rows of the
+latent cache over `data` and `expert` together, so that N devices hold N times the cache rows and each
+runs attention for its own rows (the routed experts gather the tokens of an `expert` group, run each
+device's experts and sum: `model/moe.py`). The indirection exists so that a sharding strategy is tried
+by changing one mapping. The same code runs on one device, on a mesh, and on several hosts
+(`jax.distributed`). Programs that run the model enter their mesh (`mesh_context`), which the expert
+dispatch reads.
 
 A parameter axis that does not divide by its mesh axis is an error naming the parameter
 (`param_shardings`); it used to stay silently replicated. Activations and caches (`logical_sharding`,
@@ -13,6 +17,8 @@ A parameter axis that does not divide by its mesh axis is an error naming the pa
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import numpy as np
@@ -28,10 +34,10 @@ ACT_BTD = ("batch", None, None)  # hidden states [B, T, D]
 ACT_BV = ("batch", "vocab")  # logits of one step [B, V]
 CACHE_LBSC = ("layers", "batch", None, None)  # latent cache [L, B, S, C]
 
-# logical axis -> mesh axis (None: replicated)
-LOGICAL_TO_MESH: dict[str, str | None] = {
+# logical axis -> mesh axis, or mesh axes split together (None: replicated)
+LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "layers": None, "expert": "expert", "heads": "tensor", "mlp": "tensor", "vocab": "tensor",
-    "batch": "data",
+    "batch": ("data", "expert"),
 }
 
 
@@ -79,18 +85,42 @@ def as_auto_mesh(mesh) -> Mesh | None:
 
 
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec of an activation; an axis that does not divide by its mesh axis stays replicated."""
+    """PartitionSpec of an activation: each axis over the longest run of its mesh axes whose sizes divide it
+    (none: replicated)."""
     spec = []
     for size, name in zip(shape, logical):
-        axis = _mesh_axis(name, mesh)
-        spec.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+        axes = _mesh_axes(name, mesh)
+        while axes and size % _size(axes, mesh):
+            axes = axes[:-1]
+        spec.append(_entry(axes))
     return PartitionSpec(*spec)
 
 
-def _mesh_axis(name: str | None, mesh: Mesh) -> str | None:
-    """The mesh axis a logical axis splits over, or None (unmapped, absent from the mesh, or of size 1)."""
-    axis = LOGICAL_TO_MESH.get(name) if name else None
-    return axis if axis in mesh.shape and mesh.shape[axis] > 1 else None
+def _mesh_axes(name: str | None, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a logical axis splits over (unmapped ones, absent ones and those of size 1 left out)."""
+    target = LOGICAL_TO_MESH.get(name) if name else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def _size(axes: tuple[str, ...], mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def _entry(axes: tuple[str, ...]):
+    """A PartitionSpec entry: None, one axis, or several split together."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def batch_divisor(mesh) -> int:
+    """How many ways the batch is split on `mesh` (1 without one): batches are padded to a multiple."""
+    return 1 if mesh is None else _size(_mesh_axes("batch", mesh), mesh)
+
+
+def mesh_context(mesh):
+    """The context in which a program runs the model on `mesh` (`jax.set_mesh`; nothing without one): the
+    expert dispatch and activation constraints read the ambient mesh while tracing."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def _params(tree) -> dict[str, nnx.Param]:
@@ -119,17 +149,19 @@ def param_axes(tree) -> dict[str, tuple[str | None, ...]]:
 def param_spec(path: str, axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of parameter `path` of `shape` with logical `axes`.
 
-    Raises InputError when an axis does not divide by its mesh axis, or when two axes map to one mesh axis."""
-    spec = [_mesh_axis(name, mesh) for name in axes]
-    for i, (size, name, axis) in enumerate(zip(shape, axes, spec)):
-        if axis is not None and size % mesh.shape[axis]:
+    Raises InputError when an axis does not divide by its mesh axes, or when two axes map to one mesh axis."""
+    spec = [_mesh_axes(name, mesh) for name in axes]
+    for i, (size, name, mapped) in enumerate(zip(shape, axes, spec)):
+        if mapped and size % _size(mapped, mesh):
+            axis = "x".join(mapped)
             raise InputError(f"parameter {path} of shape {shape}: axis {i} ({name!r}, size {size}) does not divide "
-                             f"over mesh axis {axis!r} of size {mesh.shape[axis]}; choose a mesh whose {axis!r} "
+                             f"over mesh axis {axis!r} of size {_size(mapped, mesh)}; choose a mesh whose {axis!r} "
                              f"size divides {size}")
-    used = [a for a in spec if a is not None]
+    used = [a for mapped in spec for a in mapped]
     if len(used) != len(set(used)):
-        raise InputError(f"parameter {path}: logical axes {axes} put one mesh axis on two dimensions ({spec})")
-    return PartitionSpec(*spec)
+        raise InputError(f"parameter {path}: logical axes {axes} put one mesh axis on two dimensions "
+                         f"({[_entry(m) for m in spec]})")
+    return PartitionSpec(*(_entry(m) for m in spec))
 
 
 def param_shardings(tree, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
@@ -153,6 +185,14 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical: tuple[str | None, ...]) 
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, logical, x.shape))
+
+
+def for_host(x):
+    """Inside a program under `mesh_context`: x replicated on every device, so that every process can read it
+    (batch-split results would span other hosts' devices). Without a mesh: x."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
 
 
 def model_mesh(model) -> Mesh | None:

@@ -59,4 +59,4 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     if orbax.is_orbax_dir(path):
         return orbax.restore(path, dtype, mesh, weights, **config_overrides)
     _, model, plan = open_safetensors(path, dtype, **config_overrides)
-    return read.read_params(model, plan, dtype, mesh, weights)
+    return read.read_params(model, plan, dtype, mesh, weights, Path(path))

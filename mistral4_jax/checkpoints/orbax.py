@@ -222,9 +222,8 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
            for p, s in shapes.items() if p not in specs or tuple(specs[p]["shape"]) != s]
     if bad:
         raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(bad))
-    shardings = shard_lib.param_shardings(model, mesh)
+    shardings, keep_fp8 = read.planned_shardings(model, mesh, weights, path)
     scale_shardings = {p: fp8.scale_sharding(shardings[p]) for p in shapes if specs[p]["scaled"] or weights == "fp8"}
-    keep_fp8 = fp8.fp8_paths(model) if weights == "fp8" else set()
     values: dict[str, jax.Array] = {}
     scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3 bits, scales[p] float32
 

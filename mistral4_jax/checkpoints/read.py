@@ -21,6 +21,7 @@ from flax import nnx
 from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..memory import check_params_fit, shard_bytes
 from ..model import fp8
 from ..model.mistral3 import Mistral3ForConditionalGeneration
 from .names import EXPERTS, Transform, is_stacked
@@ -243,11 +244,33 @@ def _read_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtyp
     return fp8.Fp8Weight(q_all[path], s_all[path], jnp.dtype(dtype).name)
 
 
-def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, weights) -> nnx.Module:
-    """The abstract `model` with every parameter read from the `plan` onto its sharding (the logical axes the
-    parameter declares); with weights="fp8", the parameters tagged `fp8` as `Fp8Weight`s."""
+def bytes_per_device(model: nnx.Module, shardings: dict, keep_fp8: set[str]) -> int:
+    """What one device will hold of the abstract `model`'s parameters laid out by `shardings` (the FP8 ones
+    as E4M3 bits plus float32 scales)."""
+    total = 0
+    for path, var in flat_params(model):
+        shape, sh = tuple(var.shape), shardings[path]
+        if path in keep_fp8:
+            total += shard_bytes(shape, np.uint8, sh) + shard_bytes(fp8.scale_shape(shape), np.float32,
+                                                                    fp8.scale_sharding(sh))
+        else:
+            total += shard_bytes(shape, var.dtype, sh)
+    return total
+
+
+def planned_shardings(model: nnx.Module, mesh, weights, where) -> tuple[dict, set[str]]:
+    """(parameter shardings, the paths kept in FP8) of loading `model` onto `mesh`, after checking that the
+    parameters fit the device (`memory.check_params_fit`; `where` names the checkpoint)."""
     shardings = shard_lib.param_shardings(model, mesh)
     keep_fp8 = fp8.fp8_paths(model) if weights == "fp8" else set()
+    check_params_fit(bytes_per_device(model, shardings, keep_fp8), f"the parameters of {where}")
+    return shardings, keep_fp8
+
+
+def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, weights, where="the checkpoint") -> nnx.Module:
+    """The abstract `model` with every parameter read from the `plan` onto its sharding (the logical axes the
+    parameter declares); with weights="fp8", the parameters tagged `fp8` as `Fp8Weight`s."""
+    shardings, keep_fp8 = planned_shardings(model, mesh, weights, where)
     values: dict = {}
     for path, var in flat_params(model):
         shape = tuple(var.shape)

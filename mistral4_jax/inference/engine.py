@@ -30,8 +30,9 @@ import numpy as np
 from flax import nnx
 
 from ..errors import InputError
-from ..model.cache import cache_bytes_per_token, init_cache
-from ..sharding import ACT_BV, constrain, to_global
+from ..memory import PLAN_MARGIN, device_memory, gib
+from ..model.cache import Cache, cache_bytes_per_token, init_cache
+from ..sharding import ACT_BV, CACHE_LBSC, batch_divisor, constrain, for_host, logical_sharding, to_global
 from .batching import batch_bucket, pow2
 from .sampling import sample_rows
 
@@ -42,7 +43,6 @@ STEPS_PER_CALL_WATCHED = 8  # ... when the host must see tokens soon: streaming,
 REFILL_PATIENCE = 4  # steps a freed slot may idle while the decode loop waits for more to free
 REFILL_SHARE = 4  # ... and it waits for 1 / REFILL_SHARE of the slots to free (one insert refills them)
 CPU_BATCH_CAP, DEVICE_BATCH_CAP = 32, 256  # default batch_size caps (see default_batch_size)
-CACHE_MEMORY_FRACTION = 0.5  # of the free device memory the default batch_size lets the cache take
 
 
 # ---------------------------------------------------------------------- state of the slots
@@ -120,7 +120,8 @@ def _insert(graphdef, treedef, leaves, cache, slots: Slots, x, rows_p, starts_p,
         x = model.embed(x)
     p, c = x.shape[:2]
     b = slots.live.shape[0]
-    h, cache = model.forward_cached(x, starts_p[:, None] + jnp.arange(c, dtype=jnp.int32), cache, mesh, rows_p)
+    pos = starts_p[:, None] + jnp.arange(c, dtype=jnp.int32)
+    h, cache = model.forward_cached(x, pos, cache, mesh, rows_p, valid_bt=(pos < lens_p[:, None]) & (rows_p < b)[:, None])
     last = jnp.clip(lens_p - 1 - starts_p, 0, c - 1)
     tok = _sample(model, h[jnp.arange(p), last], mesh, sampling, reqs_p, jnp.zeros_like(reqs_p))
     hist = jnp.full((p, slots.hist.shape[1]), -1, jnp.int32).at[:, -1].set(tok)
@@ -134,7 +135,7 @@ def _insert(graphdef, treedef, leaves, cache, slots: Slots, x, rows_p, starts_p,
     slots = Slots(put(slots.tok, tok), put(slots.pos, lens_p), put(slots.n, ones), put(slots.limit, limits_p),
                   put(slots.req, reqs_p), slots.live.at[rows_p].set(final_p & ~stop, mode="drop"),
                   put(slots.hist, hist))
-    return cache, slots, tok, stop
+    return cache, slots, for_host(tok), for_host(stop)
 
 
 def _decode_steps(graphdef, treedef, leaves, cache, slots: Slots, sampling: Sampling, stops: Stops, kill_b, n_steps,
@@ -157,7 +158,7 @@ def _decode_steps(graphdef, treedef, leaves, cache, slots: Slots, sampling: Samp
     def body(c):
         j, first_free, s, out, cache = c
         pos = jnp.where(s.live, s.pos, scratch)
-        h, cache = model.forward_cached(model.embed(s.tok[:, None]), pos[:, None], cache, mesh)
+        h, cache = model.forward_cached(model.embed(s.tok[:, None]), pos[:, None], cache, mesh, valid_bt=s.live[:, None])
         new = _sample(model, h[:, 0], mesh, sampling, s.req, s.n)
         out = out.at[:, j].set(jnp.where(s.live, new, -1))
         live = s.live
@@ -170,7 +171,7 @@ def _decode_steps(graphdef, treedef, leaves, cache, slots: Slots, sampling: Samp
 
     out = jnp.full((slots.live.shape[0], k), -1, jnp.int32)
     j, _, slots, out, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(-1), slots, out, cache))
-    return cache, slots, out, j
+    return cache, slots, for_host(out), j, for_host(slots.live)
 
 
 @partial(jax.jit, static_argnames=("c",))
@@ -213,27 +214,69 @@ def cache_length(lens: Sequence[int], limits: Sequence[int], chunk: int) -> int:
     return pow2(need + 1, 16)
 
 
-def default_batch_size(model, n_prompts: int, cache_len: int, data: int = 1) -> int:
+def abstract_args(cfg, dtype, rows: int, cache_len: int, chunk: int, seq_width: int, mesh):
+    """ShapeDtypeStructs of the engine programs' arguments at `rows` slots (the insert at `rows` prompts
+    of a `chunk`), laid out as `run` lays them out: (cache, slots, sampling, stops, ids, per-prompt [rows])."""
+    S = jax.ShapeDtypeStruct
+    t = cfg.text
+
+    def at(shape, dtype_, logical=("batch",)):
+        sharding = None if mesh is None else logical_sharding(mesh, logical + (None,) * (len(shape) - len(logical)),
+                                                              shape)
+        return S(shape, dtype_, sharding=sharding)
+
+    cache = Cache(*(at((t.num_hidden_layers, rows, cache_len, d), dtype, CACHE_LBSC)
+                    for d in (t.kv_lora_rank, t.qk_rope_head_dim)))
+    i32 = partial(at, dtype_=jnp.int32)
+    slots = Slots(i32((rows,)), i32((rows,)), i32((rows,)), i32((rows,)), i32((rows,)), at((rows,), bool),
+                  i32((rows, seq_width)))
+    sampling = Sampling(at((2,), jnp.uint32, ()), at((), jnp.float32, ()), at((), jnp.int32, ()),
+                        at((), jnp.float32, ()))
+    stops = Stops(at((MAX_STOP_TOKENS,), jnp.int32, ()), at((MAX_STOP_SEQUENCES, seq_width), jnp.int32, ()),
+                  at((MAX_STOP_SEQUENCES,), jnp.int32, ()))
+    return cache, slots, sampling, stops, i32((rows, chunk)), i32((rows,))
+
+
+def program_temp_bytes(prog: Programs, leaves, cfg, dtype, rows: int, cache_len: int, chunk: int, seq_width: int,
+                       mesh) -> int:
+    """The larger per-device temporaries of the decode and insert programs at `rows` slots, from XLA's
+    memory analysis of the compiled programs (nothing runs)."""
+    cache, slots, sampling, stops, ids, per_row = abstract_args(cfg, dtype, rows, cache_len, chunk, seq_width, mesh)
+    flag = jax.ShapeDtypeStruct((rows,), bool, sharding=per_row.sharding)
+    decode = prog.decode_steps.lower(leaves, cache, slots, sampling, stops, flag, jnp.int32(1), jnp.int32(0),
+                                     k=STEPS_PER_CALL, mesh=mesh)
+    insert = prog.insert.lower(leaves, cache, slots, ids, per_row, per_row, per_row, flag, per_row, per_row,
+                               sampling, stops, mesh=mesh)
+    return max(p.compile().memory_analysis().temp_size_in_bytes for p in (decode, insert))
+
+
+def default_batch_size(model, n_prompts: int, cache_len: int, data: int = 1, temp_bytes=None) -> int:
     """The number of slots when the caller gives none.
 
-    min(the prompts rounded up to a power of two, a cap (CPU_BATCH_CAP on the CPU, DEVICE_BATCH_CAP on
-    an accelerator), the rows whose cache fits in CACHE_MEMORY_FRACTION of the free memory of a device,
-    times the mesh's data axis the rows are split over), rounded to a multiple of the data axis.
-    The free memory is bytes_limit - bytes_in_use of `memory_stats()`, where the device reports it.
+    min(the prompts rounded up to a power of two, a cap (CPU_BATCH_CAP on the CPU, DEVICE_BATCH_CAP on an
+    accelerator)), rounded to a multiple of the mesh's row split `data`; on a device that reports its pool
+    (`memory.device_memory`), halved until the cache rows one device holds plus `temp_bytes(rows)` (the
+    compiled programs' temporaries at that size, `program_temp_bytes`) fit in its free memory, less
+    `memory.PLAN_MARGIN`. A single row that does not fit is an InputError saying how much is missing.
     """
-    dev = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
-    cap = CPU_BATCH_CAP if dev.platform == "cpu" else DEVICE_BATCH_CAP
-    b = min(pow2(n_prompts), cap)
-    stats = dev.memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        row = cache_bytes_per_token(model.config.text, model.dtype) * cache_len
-        fit = int(CACHE_MEMORY_FRACTION * free // row) * data
-        if fit < 1:
-            raise InputError(f"one cache row of {cache_len} tokens needs {row:,} bytes, but the device has "
-                             f"{free:,} bytes free: shorten the prompts or max_new_tokens")
-        b = min(b, 1 << (fit.bit_length() - 1))
-    return batch_bucket(b, data) if b >= data else data
+    cap = CPU_BATCH_CAP if jax.local_devices()[0].platform == "cpu" else DEVICE_BATCH_CAP
+    b = max(data, batch_bucket(min(pow2(n_prompts), cap), data))
+    mem = device_memory()
+    if mem is None:
+        return b
+    free = (mem[0] - mem[1]) * (1 - PLAN_MARGIN)
+    row = cache_bytes_per_token(model.config.text, model.dtype) * cache_len
+
+    def need(rows):  # per device: the rows are split over `data` devices
+        return row * rows // data + (temp_bytes(rows) if temp_bytes else 0)
+
+    while b > data and need(b) > free:
+        b = batch_bucket(b // 2, data)
+    if need(b) > free:
+        raise InputError(f"{b} cache rows of {cache_len} tokens ({gib(row * b)}) and the programs' temporaries "
+                         f"need {gib(need(b))} per device, but the device has {gib(free)} free: shorten the "
+                         "prompts or max_new_tokens, or use a mesh with more devices")
+    return b
 
 
 # ---------------------------------------------------------------------- stop strings (host)
@@ -268,7 +311,7 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
         cache_len: int, sampling: Sampling, stops: Stops, mesh, embeds=None,
         text_stops: list[TextStop | None] | None = None, callback: Callable | None = None) -> list[list[int]]:
     """Every prompt's new tokens through `rows` slots (see the module docstring)."""
-    n_req, data = len(prompts), mesh.shape["data"] if mesh is not None else 1
+    n_req, data = len(prompts), batch_divisor(mesh)
     lens = [len(p) for p in prompts]
     padded = max(-(-n // chunk) * chunk for n in lens)
     ids = None
@@ -366,11 +409,11 @@ def run(model, graphdef, state, prompts: list[list[int]], limits: list[int], *, 
             continue
         n = 1 if filling else steps_per_call  # a prompt being inserted gets its next chunk after one step
         refill = min(len(waiting), max(1, rows // REFILL_SHARE))  # 0: nobody waits
-        cache, slots, out, j = prog.decode_steps(leaves, cache, slots, sampling, stops,
+        cache, slots, out, j, dev_live = prog.decode_steps(leaves, cache, slots, sampling, stops,
                                              g(kill, logical=("batch",)), jnp.int32(n), jnp.int32(refill),
                                              k=STEPS_PER_CALL, mesh=mesh)
         kill[:] = False
-        out, dev_live, j = (np.asarray(a) for a in jax.device_get((out, slots.live, j)))
+        out, dev_live, j = (np.asarray(a) for a in jax.device_get((out, dev_live, j)))
         for i in range(int(j)):
             pairs = []
             for s in range(rows):

@@ -18,7 +18,7 @@ from flax import nnx
 from ..errors import InputError
 from ..inputs import check_image_tokens, check_int, validate_ids, validate_prompts
 from ..model.pixtral import PatchLayout
-from ..sharding import model_mesh, to_global
+from ..sharding import batch_divisor, mesh_context, model_mesh, to_global
 from . import engine
 from .batching import bucketed_images, pow2
 from .engine import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS, cut_at_stop_strings
@@ -44,8 +44,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     batch_size: the most sequences decoded at once (the cache has that many rows); the other prompts
     wait and take the slot of the first request to finish, their prefill inserted chunk by chunk
     between decode steps. Default (`engine.default_batch_size`): the prompts rounded up to a power of
-    two, capped at 32 on the CPU and 256 on an accelerator, and at the rows whose cache fits in half
-    the free device memory.
+    two, capped at 32 on the CPU and 256 on an accelerator, and on an accelerator at the rows whose cache
+    and the compiled programs' temporaries fit in the device's free memory.
 
     Stops (a request ends at the first that applies; its output keeps what ended it):
     - stop_tokens: ids (default: the config's eos ids; [] for none), at most 8;
@@ -100,30 +100,35 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
                            sum(images[1].tokens_per_image))
 
     mesh = model_mesh(model)
-    data = mesh.shape["data"] if mesh is not None else 1
+    data = batch_divisor(mesh)
     lens = [len(p) for p in prompts]
     chunk = min(prefill_chunk, pow2(max(lens), 8))
     cache_len = engine.cache_length(lens, limits, chunk)
-    if batch_size is None:
-        rows = engine.default_batch_size(model, len(prompts), cache_len, data)
-    else:
-        rows = -(-min(batch_size, pow2(len(prompts))) // data) * data
+    stops = engine.stop_arrays(stop, seqs)
 
-    graphdef, state = nnx.split(model)
-    embeds = None
-    if images is not None:  # embed every prompt ahead: the image features fill [IMG] tokens in order
-        px, layout = images
-        arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
-        features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
-        ids = np.zeros((len(prompts), -(-max(lens) // chunk) * chunk), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        embeds = _embed(graphdef, state, to_global(ids, mesh), features)
-    sampling = engine.Sampling(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), np.float32(temperature),
-                               np.int32(top_k), np.float32(top_p))
-    return engine.run(model, graphdef, state, prompts, limits, rows=rows, chunk=chunk, cache_len=cache_len,
-                      sampling=sampling, stops=engine.stop_arrays(stop, seqs), mesh=mesh, embeds=embeds,
-                      text_stops=text_stops, callback=callback)
+    with mesh_context(mesh):  # the expert dispatch splits the experts over this mesh's `expert` axis
+        graphdef, state = nnx.split(model)
+        if batch_size is None:  # as many slots as the device holds with the programs' temporaries
+            leaves, treedef = jax.tree.flatten(state)
+            temp = partial(engine.program_temp_bytes, engine.programs_for(graphdef, treedef), leaves, cfg, model.dtype,
+                           cache_len=cache_len, chunk=chunk, seq_width=stops.seqs.shape[1], mesh=mesh)
+            rows = engine.default_batch_size(model, len(prompts), cache_len, data, temp)
+        else:
+            rows = -(-min(batch_size, pow2(len(prompts))) // data) * data
+        embeds = None
+        if images is not None:  # embed every prompt ahead: the image features fill [IMG] tokens in order
+            px, layout = images
+            arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
+            features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
+            ids = np.zeros((len(prompts), -(-max(lens) // chunk) * chunk), np.int32)
+            for i, p in enumerate(prompts):
+                ids[i, :len(p)] = p
+            embeds = _embed(graphdef, state, to_global(ids, mesh), features)
+        sampling = engine.Sampling(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), np.float32(temperature),
+                                   np.int32(top_k), np.float32(top_p))
+        return engine.run(model, graphdef, state, prompts, limits, rows=rows, chunk=chunk, cache_len=cache_len,
+                          sampling=sampling, stops=stops, mesh=mesh, embeds=embeds,
+                          text_stops=text_stops, callback=callback)
 
 
 def generated_text(tokenizer, ids: Sequence[int], stop_strings: Sequence[str] = ()) -> str:

@@ -25,7 +25,7 @@ from ..inputs import check_int, validate_ids
 from .batching import batch_bucket, pow2
 from .logprobs import DEFAULT_CHUNK, chunk_layout, target_logprobs
 from ..model.hooks import Capture, ForwardOutput, Intervention, ResidualPatch
-from ..sharding import model_mesh, to_global
+from ..sharding import batch_divisor, for_host, mesh_context, model_mesh, to_global
 
 
 def continuation_sums(logp_bt: jax.Array, is_argmax_bt: jax.Array, weights_bt: jax.Array):
@@ -47,7 +47,8 @@ def continuation_logprobs(logits_btv: jax.Array, targets_bt: jax.Array, weights_
 def _score_batch(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, chunk=DEFAULT_CHUNK):
     model = nnx.merge(graphdef, state)
     h = model.final_hidden(ids_bt, attention_mask=mask_bt)
-    return continuation_sums(*target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk), weights_bt)
+    sums = continuation_sums(*target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk), weights_bt)
+    return jax.tree.map(for_host, sums)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capture", "chunk"))
@@ -57,7 +58,7 @@ def _score_batch_probed(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt
     model = nnx.merge(graphdef, state)
     h, out = model.probe_hidden(ids_bt, attention_mask=mask_bt, capture=capture, intervene=intervene)
     lp, top = target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk)
-    return continuation_sums(lp, top, weights_bt), out
+    return jax.tree.map(for_host, (continuation_sums(lp, top, weights_bt), out))
 
 
 def _captured_row(out: ForwardOutput, row: int, n: int, b: int) -> dict:
@@ -127,7 +128,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
                 raise InputError(f"score: intervene.patch.row = {rows.tolist()} must index requests [0, {len(requests)})")
     probed = capture is not None or intervene is not None
     mesh = model_mesh(model)
-    data = mesh.shape["data"] if mesh is not None else 1
+    data = batch_divisor(mesh)
     graphdef, state = nnx.split(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: len(ctxs[i]) + len(conts[i]))  # similar lengths together
@@ -142,11 +143,12 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             ids[row, :n], mask[row, :n], tgt[row, :n] = full[:-1], 1, full[1:]
             w[row, len(ctxs[i]) - 1:n] = 1
         args = [to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt, w)]
-        if probed:
-            iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
-            (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv, chunk=chunk)
-        else:
-            lp, greedy = _score_batch(graphdef, state, *args, chunk=chunk)
+        with mesh_context(mesh):
+            if probed:
+                iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
+                (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv, chunk=chunk)
+            else:
+                lp, greedy = _score_batch(graphdef, state, *args, chunk=chunk)
         lp, greedy = np.asarray(jax.device_get(lp)), np.asarray(jax.device_get(greedy))
         for row, i in enumerate(idx):
             results[i] = (float(lp[row]), bool(greedy[row]))

@@ -282,12 +282,14 @@ def read_cache_block(x, start, size: int, layer=None, rows_b=None, dtype=None) -
     return blk if dtype is None else blk.astype(dtype)
 
 
-def _key_blocks(q_pos_bt, s: int, block_k: int):
+def _key_blocks(q_pos_bt, s: int, block_k: int, q_valid_bt=None):
     """(block size, number of blocks to visit) for a query batch against S cache slots: the blocks up to the
-    largest query position. The last block may overhang the buffer: it is read ending at S, and
-    `_block_slots` masks the slots a previous block already covered."""
+    largest position of a used query (q_valid_bt; default all: an idle row parked at the last slot must
+    not make every row read the whole buffer). The last block may overhang the buffer: it is read ending at
+    S, and `_block_slots` masks the slots a previous block already covered."""
     bk = min(s, block_k)
-    return bk, jnp.minimum(jnp.max(q_pos_bt) // bk + 1, -(-s // bk))
+    pos = q_pos_bt if q_valid_bt is None else jnp.where(q_valid_bt, q_pos_bt, 0)
+    return bk, jnp.minimum(jnp.max(pos) // bk + 1, -(-s // bk))
 
 
 def _block_slots(j, bk: int, s: int):
@@ -298,7 +300,7 @@ def _block_slots(j, bk: int, s: int):
 
 
 def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
-                     layer=None, block_k: int | None = None, rows_b=None) -> jax.Array:
+                     layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None) -> jax.Array:
     """`ops.mla_absorbed_attention` against the latent cache, one key block at a time -> [B, T, H, V].
 
     Cache slot s holds the token at position s, and a query at position p attends to slots <= p (the
@@ -307,14 +309,15 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
     whole buffer. Per block (spec 3.3.6), with q_lat = W_UK^T q_nope [B, T, H, C]:
       s = (q_lat . c[s] + q_pe . k_pe[s]) * scale,   o_lat = online-softmax(s) @ c,
     and out = W_UV o_lat. c_kv [B, S, C] and k_pe [B, S, R], or [L, B, S, .] with `layer` the index
-    to read; rows_b: the cache rows the queries belong to (`read_cache_block`). Blocks are sliced
-    straight out of the stacked cache, which is never copied.
+    to read; rows_b: the cache rows the queries belong to (`read_cache_block`); q_valid_bt: the queries
+    whose output is used (`_key_blocks`). Blocks are sliced straight out of the stacked cache, which is
+    never copied.
     block_k: default BLOCK_K, or DECODE_BLOCK_K for a single query. Inference only (no VJP through
     the run-time trip count).
     """
     b, t, h, _ = q_nope_bthn.shape
     s = c_kv.shape[-2]
-    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K))
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K), q_valid_bt)
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope_bthn, w_uk_chn)
     q_pos = q_pos_bt.astype(jnp.int32)
 
@@ -337,7 +340,7 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
 
 
 def expanded_cache_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
-                             layer=None, block_k: int | None = None, rows_b=None) -> jax.Array:
+                             layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None) -> jax.Array:
     """The same attention as `latent_attention`, in the expanded form: each key block's latents are expanded
     to per-head keys k_nope = c W_UK [B, bk, H, N] and values v = c W_UV [B, bk, H, V], then
       s = (q_nope . k_nope + q_pe . k_pe) * scale,   out = online-softmax(s) @ v.
@@ -346,7 +349,7 @@ def expanded_cache_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k
     (the serving engines prefill this way and decode absorbed). Reads the cache as `latent_attention` does."""
     b, t, h, _ = q_nope_bthn.shape
     s = c_kv.shape[-2]
-    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or BLOCK_K)
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or BLOCK_K, q_valid_bt)
     q_pos = q_pos_bt.astype(jnp.int32)
     dt = q_nope_bthn.dtype
 

@@ -101,11 +101,12 @@ class Mistral3ForConditionalGeneration(nnx.Module):
         valid = None if attention_mask_bt is None else attention_mask_bt.astype(bool)
         return self.language_model(inputs_embeds_btd, positions_bt, valid, hooks=hooks, remat=remat, train=train)[0]
 
-    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None, rows_b=None):
+    def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None, rows_b=None,
+                       valid_bt=None):
         """(final-norm hidden states [B, T, D], cache) of T new tokens per row whose embeddings (`embed`)
         are x_btd, at per-row consecutive positions positions_bt (also their cache slots) of cache rows
-        rows_b (default: row b)."""
-        return self.language_model.forward_cached(x_btd, positions_bt, cache, mesh, rows_b)
+        rows_b (default: row b); valid_bt: the tokens whose output is used (default all)."""
+        return self.language_model.forward_cached(x_btd, positions_bt, cache, mesh, rows_b, valid_bt)
 
     def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None):
         """(hidden states [B, T, D], filled cache) of a right-padded prompt batch, `chunk` tokens at a time."""

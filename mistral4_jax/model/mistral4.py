@@ -76,6 +76,7 @@ class Mistral4Experts(nnx.Module):
         self.down_proj = param(init_normal(rngs.params(), (e, i, h), dtype), ("expert", None, None), **tags)
         self.act = cfg.hidden_act
         self.impl = cfg.expert_impl
+        self.n_experts = e
 
     def __call__(self, x_th, weights_tk, idx_tk):
         # the values as stored (arrays or weight kinds, e.g. FP8 bits and scales): the dispatch selects experts
@@ -93,13 +94,17 @@ class Mistral4MoE(nnx.Module):
         self.shared_experts = (Mistral4MLP(cfg.hidden_size, width, cfg.hidden_act, dtype, rngs, width_axis="mlp",
                                            fp8=True, lora="shared_experts") if width else None)
 
-    def __call__(self, x_btd: jax.Array, hooks: Hooks = NO_HOOKS) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, hooks: Hooks = NO_HOOKS, valid_bt: jax.Array | None = None) -> jax.Array:
         """Route, run the chosen experts, add the shared expert. hooks: may restrict the experts a token
-        may use (`allowed_experts`) and sees the router's output."""
+        may use (`allowed_experts`) and sees the router's output. valid_bt: the tokens whose output is used;
+        the others (padding, idle cache slots) are sent to no expert, so they read no expert weights."""
         b, t, d = x_btd.shape
         x_th = x_btd.reshape(b * t, d)
         logits, w, idx = self.gate(x_th, hooks.allowed_experts(b, t))
         hooks.router(self, logits, w, idx)
+        if valid_bt is not None:
+            used = valid_bt.reshape(-1, 1)
+            w, idx = jnp.where(used, w, 0), jnp.where(used, idx, self.experts.n_experts)  # id E: no expert
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_btd)
@@ -176,9 +181,10 @@ class Mistral4Attention(nnx.Module):
                                              c.attention_impl)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def attend_latent(self, q_bthd, cache: Cache, index, positions_bt, rows_b=None) -> jax.Array:
+    def attend_latent(self, q_bthd, cache: Cache, index, positions_bt, rows_b=None, valid_bt=None) -> jax.Array:
         """`attend` against layer `index` of the latent cache (c_kv [L, B, S, kv_lora_rank], k_pe [L, B, S,
-        rope]), rows rows_b of it (default: row b); a query at position p attends to slots <= p.
+        rope]), rows rows_b of it (default: row b); a query at position p attends to slots <= p. valid_bt:
+        the queries whose output is used (default all): only their positions decide how many blocks are read.
 
         Decode and short chunks use the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after
         attention, the cache read once for all heads. Chunks longer than `attention.expanded_pays_from`
@@ -201,7 +207,7 @@ class Mistral4Attention(nnx.Module):
             expanded = q_bthd.shape[1] > attention.expanded_pays_from(c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim)
             attend = attention.expanded_cache_attention if expanded else attention.latent_attention
             o = attend(q_nope, q_pe, w_uk, w_uv, cache.c_kv, cache.k_pe, positions_bt, c.softmax_scale, layer=index,
-                       rows_b=rows_b)
+                       rows_b=rows_b, q_valid_bt=valid_bt)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
@@ -210,13 +216,14 @@ class Mistral4Attention(nnx.Module):
         themselves, causal over positions_bt, keys limited to valid_bt [B, T] (None: all). With one:
         the tokens' latents are written into layer `index` (a traced scan input) of cache rows rows_b
         (default: row b) at their positions (consecutive per row), then attention reads that layer's slots
-        up to each token's position, in place."""
+        up to each token's position, in place; valid_bt then marks the queries whose output is used."""
         c_kv, k_pe = self.latent(x_btd, cos, sin)
         if cache is None:
             return self.attend(self.query(x_btd, cos, sin, positions_bt), c_kv, k_pe, positions_bt, valid_bt,
                                hooks), None
         cache = write_layer(cache, index, c_kv, k_pe, positions_bt[:, 0], rows_b)
-        return self.attend_latent(self.query(x_btd, cos, sin, positions_bt), cache, index, positions_bt, rows_b), cache
+        q = self.query(x_btd, cos, sin, positions_bt)
+        return self.attend_latent(q, cache, index, positions_bt, rows_b, valid_bt), cache
 
 
 # The largest [B, heads, T, S] fp32 probability tensor an attention capture may build per layer.
@@ -255,7 +262,7 @@ class Mistral4DecoderLayer(nnx.Module):
                                   rows_b)
         h = x_btd + a
         x = self.post_attention_layernorm(h)
-        y = self.mlp(x, hooks) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
+        y = self.mlp(x, hooks, valid_bt) if isinstance(self.mlp, Mistral4MoE) else self.mlp(x)
         return hooks.layer_output(self, h + y), cache
 
 
@@ -333,8 +340,9 @@ class Mistral4Model(nnx.Module):
                  mesh=None, train: bool = False, rows_b=None) -> tuple[jax.Array, Cache | None]:
         """(final-norm hidden states [B, T, hidden], cache): the one scan driver over both stacks.
 
-        valid_bt: [B, T] bool, the tokens other tokens may attend to (None: all; ignored with a cache,
-        where a token attends to the slots at or before its position). rows_b: with a cache, the cache
+        valid_bt: [B, T] bool, the real tokens (None: all): without a cache the keys a token may attend to;
+        with one (where a token attends to the slots at or before its position) the tokens whose output is
+        used. Other tokens read no routed expert. rows_b: with a cache, the cache
         row of each batch row (default: row b). remat: recompute each layer in the backward pass. train:
         the forward is differentiated (the layer scan slices the routed experts per layer, see
         `scan_layers`). mesh: keep activations batch-split between layers.
@@ -358,15 +366,16 @@ class Mistral4Model(nnx.Module):
         return self.norm(x), cache
 
     def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache,
-                       mesh=None, rows_b=None) -> tuple[jax.Array, Cache]:
+                       mesh=None, rows_b=None, valid_bt=None) -> tuple[jax.Array, Cache]:
         """Final-norm hidden states [B, T, D] of T new tokens per row, and the cache with them written.
 
         x_btd: input embeddings; row b's tokens sit at positions_bt[b] = p_b, p_b + 1, ..., which are
         also their cache slots, in cache row rows_b[b] (default b; an index past the cache is padding:
         written nowhere). A token attends to the slots at or before its position. The cache is written
         and read in place: a chunk touches its own slots and the filled blocks before them, nothing else.
+        valid_bt: the tokens whose output is used (default all; padding and idle slots need no experts).
         """
-        return self(x_btd, positions_bt, None, cache, mesh=mesh, rows_b=rows_b)
+        return self(x_btd, positions_bt, valid_bt, cache, mesh=mesh, rows_b=rows_b)
 
     def prefill(self, embeds_btd: jax.Array, cache: Cache, chunk: int, mesh=None) -> tuple[jax.Array, Cache]:
         """Run a right-padded prompt batch [B, T] (T a multiple of `chunk`) through the stack chunk by chunk.

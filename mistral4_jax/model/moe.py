@@ -112,7 +112,8 @@ def experts_grouped(x_th: jax.Array, weights_tk: jax.Array, idx_tk: jax.Array, g
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     h = swiglu(jax.lax.ragged_dot(x_th[token_of], gate_up_ehf, group_sizes), act)
     ys = jax.lax.ragged_dot(h, down_efh, group_sizes)
-    ys = ys * weights_tk.reshape(-1)[order][:, None].astype(ys.dtype)
+    owned = jnp.arange(flat.size) < group_sizes.sum()  # pairs sent to no expert (id >= E) sort last
+    ys = jnp.where(owned[:, None], ys * weights_tk.reshape(-1)[order][:, None].astype(ys.dtype), 0)
     return jnp.zeros_like(x_th).at[token_of].add(ys.astype(x_th.dtype))
 
 

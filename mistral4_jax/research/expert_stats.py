@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..inference.batching import batch_bucket, pow2
 from ..inputs import check_int, validate_ids
 from ..model.hooks import Capture, Intervention
-from ..sharding import model_mesh, to_global
+from ..sharding import batch_divisor, mesh_context, model_mesh, to_global
 
 
 @dataclasses.dataclass
@@ -108,7 +108,7 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
         pieces += [ids[j:j + max_len] for j in range(0, len(ids), max_len)]
     pieces.sort(key=len)
     mesh = model_mesh(model)
-    data = mesh.shape["data"] if mesh is not None else 1
+    data = batch_divisor(mesh)
     graphdef, state = nnx.split(model)
     counts = np.zeros((cfg.num_moe_layers, cfg.n_routed_experts), np.float64)
     weight = np.zeros_like(counts)
@@ -119,7 +119,8 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
         ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
         for row, p in enumerate(chunk):
             ids[row, :len(p)], mask[row, :len(p)] = p, 1
-        c, w = _count_batch(graphdef, state, *(to_global(x, mesh, ("batch",)) for x in (ids, mask)), intervene)
+        with mesh_context(mesh):
+            c, w = _count_batch(graphdef, state, *(to_global(x, mesh, ("batch",)) for x in (ids, mask)), intervene)
         counts += np.asarray(jax.device_get(c))
         weight += np.asarray(jax.device_get(w))
     return ExpertLoad(layers=list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)),

@@ -29,7 +29,7 @@ from flax import nnx
 from ..errors import InputError
 from ..checkpoints.load import from_pretrained, load_config
 from ..checkpoints.save import save_pretrained
-from ..sharding import as_auto_mesh
+from ..sharding import as_auto_mesh, mesh_context
 from ..text.tokenizer import ASSET_FILES, Tokenizer
 from . import data as data_lib
 from .lora import init_adapters, merge_adapters
@@ -130,8 +130,9 @@ class Trainer:
     def train_step(self) -> dict:
         batch = self.next_batch()
         pixels, sizes = batch.pop("pixel_values", None), batch.pop("image_sizes", None)
-        self.state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
-                                           None if sizes is None else tuple(map(tuple, sizes.tolist())))
+        with mesh_context(self.mesh):  # the expert dispatch splits the experts over the mesh's `expert` axis
+            self.state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
+                                               None if sizes is None else tuple(map(tuple, sizes.tolist())))
         self.position += self.cfg.batch_size
         m = {k: float(v) for k, v in metrics.items()}
         m["step"] = self.step
