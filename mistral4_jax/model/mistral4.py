@@ -48,9 +48,10 @@ class Mistral4TopkRouter(nnx.Module):
         return logits, w, idx
 
 
-# Tokens per routed-expert call at long T: the grouped path's buffers grow with the tokens of a call
-# (and ragged_dot lowers densely over experts on some backends), so long sequences run in chunks.
-EXPERT_TOKEN_CHUNK = 2048
+# Tokens per routed-expert call at long T: the sorted (token, expert) rows of a call ([T * K, hidden], 256 MiB
+# in bf16 at 8,192 tokens) grow with T, so long sequences run in chunks; each chunk reads every expert it
+# routes to once, so chunks are long enough that re-reading the experts costs little beside their matmuls.
+EXPERT_TOKEN_CHUNK = 8192
 
 
 def over_token_chunks(fn, chunk: int, *xs_t):

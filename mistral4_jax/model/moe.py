@@ -284,12 +284,15 @@ def expert_parallel(x_th, weights_tk, idx_tk, gate_up, down, act: str) -> jax.Ar
 
     def local(x, w, idx, gu, dn):
         first = jax.lax.axis_index("expert") * (n_experts // n_dev)
-        return jax.lax.psum(experts_routed(x, w, idx, gu, dn, act, first_expert=first, tile=tile), "expert")
+        y = experts_routed(x.astype(x_th.dtype), w, idx, gu, dn, act, first_expert=first, tile=tile)
+        return jax.lax.psum(y.astype(jnp.float32), "expert")
 
+    # The tokens go in, and the parts are summed, in float32: the sum of n_dev partial outputs keeps its
+    # precision, and XLA:CPU cannot promote the bf16 all-reduces of this program (nor of its gradient) itself.
     f = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
                       in_specs=(P(), P(), P(), _expert_spec(gate_up), _expert_spec(down)), out_specs=P(),
                       axis_names={"expert"}, check_vma=False)
-    return f(x_th, weights_tk, idx_tk, gate_up, down)
+    return f(x_th.astype(jnp.float32), weights_tk, idx_tk, gate_up, down).astype(x_th.dtype)
 
 
 # ---------------------------------------------------------------------- dispatch
