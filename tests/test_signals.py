@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM at several moments of real `mistral4-jax` processes: one line on stderr,
-exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes."""
+exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes. A SIGINT
+ignored by whoever started the process stays ignored."""
 
 import json
 import os
@@ -40,13 +41,28 @@ def hf(tmp_path_factory):
     return d
 
 
+def _python(*args: str, sigint: str = "SIG_DFL") -> list[str]:
+    """The argv of a child `python ARGS` that starts with SIGTERM at its default, SIGINT at `sigint`, both
+    unblocked, whatever this process inherited: every child these tests start goes through it. A shell
+    without job control starts `cmd &` with SIGINT ignored, every child inherits that, and the CLI rightly
+    keeps a signal its starter ignored (nohup): started so, the signal tests would test nothing. A launcher
+    sets them and execs the child (same process): Popen's restore_signals leaves SIGINT as it is, and a
+    preexec_fn would fork this multithreaded (JAX) process."""
+    launcher = ("import os, signal, sys\n"
+                f"signal.signal(signal.SIGINT, signal.{sigint})\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+                "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))\n"
+                "os.execv(sys.executable, sys.argv[1:])")
+    return [sys.executable, "-c", launcher, sys.executable, *args]
+
+
 class Run:
     """A `python -m mistral4_jax ARGS` process whose stdout / stderr go to files (read while it runs)."""
 
-    def __init__(self, tmp: Path, *args: str, interrupted: bool = True):
+    def __init__(self, tmp: Path, *args: str, interrupted: bool = True, sigint: str = "SIG_DFL"):
         self.out, self.err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
         with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", *args], cwd=ROOT,
+            self.p = subprocess.Popen(_python("-m", "mistral4_jax", *args, sigint=sigint), cwd=ROOT,
                                       env=ENV if interrupted else ENV_CACHED, stdout=o, stderr=e)
 
     def wait_for(self, ready, timeout=600.0):
@@ -55,6 +71,15 @@ class Run:
             assert self.p.poll() is None, f"exited {self.p.returncode} early:\n{self.err.read_text()[-3000:]}"
             assert time.monotonic() - t0 < timeout, "timed out waiting"
             time.sleep(0.05)
+
+    def imports_began(self) -> bool:
+        """jaxlib's library is mapped once the command's imports began (building the parser imports no
+        jax); the rest of them (flax, orbax, the package) take a second or more."""
+        maps = Path(f"/proc/{self.p.pid}/maps")
+        if not maps.exists():  # no /proc: half a second is inside the imports
+            time.sleep(0.5)
+            return True
+        return "jaxlib" in maps.read_text()
 
     def stop(self, sig) -> tuple[int, str]:
         self.p.send_signal(sig)
@@ -80,17 +105,7 @@ def _finetune(hf, out):
 def test_interrupt_during_imports_is_one_line(hf, tmp_path, after):
     """The signal lands while jaxlib's native module initialises (after=0) and in the imports after it."""
     run = Run(tmp_path, "generate", "--model", str(hf), "--prompt", "hi")
-    maps = Path(f"/proc/{run.p.pid}/maps")
-
-    # jaxlib's library is mapped once the command's imports began (building the parser imports no jax);
-    # the rest of them (flax, orbax, the package) take a second or more
-    def imports_began() -> bool:
-        if not maps.exists():  # no /proc: half a second is inside the imports
-            time.sleep(0.5)
-            return True
-        return "jaxlib" in maps.read_text()
-
-    run.wait_for(imports_began)
+    run.wait_for(run.imports_began)
     time.sleep(after)
     _one_clean_line(*reversed(run.stop(signal.SIGINT)), 130, "mistral4-jax generate: interrupted")
 
@@ -130,6 +145,21 @@ def test_finetune_interrupted_at_any_point_resumes(hf, tmp_path):
     assert cli.main(["chat", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
 
 
+def test_sigint_ignored_by_the_starter_stays_ignored(hf, tmp_path):
+    """Started with SIGINT ignored (nohup, a background job of a script), the command keeps ignoring it,
+    during its imports and after them, and finishes with its whole output."""
+    run = Run(tmp_path, "generate", "--model", str(hf), "--ids", "1,2", "--max-new-tokens", "2",
+              interrupted=False, sigint="SIG_IGN")  # as nohup, or `cmd &` in a script, starts it
+    run.wait_for(run.imports_began)
+    run.p.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    if run.p.poll() is None:
+        run.p.send_signal(signal.SIGINT)
+    rc, err = run.finish()
+    assert rc == 0 and "interrupted" not in err, err[-3000:]
+    assert len(json.loads(run.out.read_text())["outputs"]) == 1
+
+
 def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
     """Python swallows an exception raised inside a gc callback (jax registers one); the CLI's hook must
     deliver the interrupt again so that it lands in ordinary code, not inside the hook itself."""
@@ -150,14 +180,14 @@ def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
         except KeyboardInterrupt:
             print("delivered")
     """
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(_python("-c", script), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert (r.stdout.strip(), r.stderr) == ("delivered", "")
 
 
 def test_closed_output_pipe_is_quiet(hf, tmp_path):
     """`mistral4-jax generate ... | head -c 1`: the reader left; the command stops with 141 and says nothing."""
-    p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", "generate", "--model", str(hf), "--prompt", "hi",
-                          "--max-new-tokens", "2"], cwd=ROOT, env=ENV_CACHED, stdout=subprocess.PIPE,
+    p = subprocess.Popen(_python("-m", "mistral4_jax", "generate", "--model", str(hf), "--prompt", "hi",
+                                 "--max-new-tokens", "2"), cwd=ROOT, env=ENV_CACHED, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     p.stdout.close()  # the reader is gone before the first byte
     err = p.stderr.read().decode()
