@@ -1,6 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM at several moments of real `mistral4-jax` processes: one line on stderr,
 exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes. A SIGINT
-ignored by whoever started the process stays ignored."""
+ignored by whoever started the process stays ignored; in-process calls leave the caller's signal state."""
 
 import json
 import os
@@ -166,22 +166,84 @@ def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
     script = """if True:
         import gc, signal, sys, time
         from mistral4_jax import cli
-        signal.signal(signal.SIGINT, cli._on_signal)
-        sys.unraisablehook = cli._on_unraisable
-        def callback(phase, info):
-            if phase == "start" and not cli._received:
+
+        def callback(phase, info, sent=[]):
+            if phase == "start" and not sent:
+                sent.append(signal.SIGINT)
                 signal.raise_signal(signal.SIGINT)  # the handler raises here, inside the collection
-        gc.callbacks.append(callback)
-        try:
+
+        def command(args):  # the command: a collection, then ordinary code for two seconds
+            gc.callbacks.append(callback)
             gc.collect()
-            for _ in range(200):  # ordinary code, for two seconds
+            for _ in range(200):
                 time.sleep(0.01)
             print("lost")
-        except KeyboardInterrupt:
-            print("delivered")
+            return 0
+
+        cli.run_convert, cli.IMPORTS = command, {}
+        print(cli.main(["convert", "src", "dst"]))
     """
     r = subprocess.run(_python("-c", script), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert (r.stdout.strip(), r.stderr) == ("delivered", "")
+    assert (r.stdout.split(), r.stderr) == (["130"], "mistral4-jax convert: interrupted; nothing was written to dst\n")
+
+
+def test_in_process_calls_leave_the_callers_signal_state(hf, monkeypatch, capsys):
+    """`cli.main([...])` from Python sets its handlers for the call only: after a success, an error, an
+    argparse exit, an interrupt, a termination and an interrupt lost in a gc callback, the caller's SIGINT /
+    SIGTERM handlers, signal mask, unraisable hook and logging switch are as they were, and no signal
+    reaches the caller afterwards."""
+    import gc
+    import logging
+
+    from mistral4_jax import cli
+
+    def callers(signum, frame):
+        raise AssertionError(f"signal {signum} reached the caller")
+
+    def state():
+        return ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+                signal.pthread_sigmask(signal.SIG_BLOCK, []), sys.unraisablehook, logging.root.manager.disable)
+
+    saved = state()
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, callers)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        before = state()
+        gen = ["generate", "--model", str(hf), "--ids", "1,2", "--max-new-tokens", "1", "--dtype", "float32"]
+        assert cli.main(gen) == 0 and state() == before
+        assert cli.main(gen[:3] + ["--ids", "1,x"]) == 2 and state() == before
+        with pytest.raises(SystemExit):
+            cli.main(gen[:3] + ["--dtype", "bf16"])
+        assert state() == before
+        for sig, rc, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+            monkeypatch.setattr(cli, "_load", lambda args, sig=sig: signal.raise_signal(sig))
+            capsys.readouterr()
+            assert cli.main(gen) == rc and state() == before
+            assert capsys.readouterr().err == f"mistral4-jax generate: {word}\n"
+        # an interrupt swallowed by a gc callback as the command ends: sent again while the call runs, or never
+        def swallowed(args, sent=[]):
+            def callback(phase, info):
+                if phase == "start" and not sent:
+                    sent.append(signal.SIGINT)
+                    signal.raise_signal(signal.SIGINT)
+
+            gc.callbacks.append(callback)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(callback)
+            return 0
+
+        monkeypatch.setattr(cli, "run_convert", swallowed)
+        monkeypatch.setattr(cli, "IMPORTS", {})
+        assert cli.main(["convert", "src", "dst"]) in (0, 130) and state() == before
+        time.sleep(0.2)  # a signal sent on by a helper thread would have reached `callers` by now
+    finally:
+        handlers, mask = saved[:2]
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_closed_output_pipe_is_quiet(hf, tmp_path):
