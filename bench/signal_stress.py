@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each child first runs this launcher, then execs the command (same process): SIGINT / SIGTERM at their
+# defaults and unblocked, as tests/test_signals.py starts them. A script's `cmd &` starts this one with SIGINT
+# ignored, and the CLI keeps what its starter ignored.
+LAUNCHER = ("import os, signal, sys\n"
+            "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_DFL)\n"
+            "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))\n"
+            "os.execv(sys.executable, sys.argv[1:])")
 
 
 def main(argv=None) -> int:
@@ -45,7 +52,8 @@ def main(argv=None) -> int:
         for _ in range(args.runs):
             delay = rng.uniform(args.min, args.max)
             with tempfile.TemporaryFile("w+") as err:
-                p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", "generate", "--model", str(model),
+                p = subprocess.Popen([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "mistral4_jax",
+                                      "generate", "--model", str(model),
                                       "--prompt", "hi", "--max-new-tokens", "4"], cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=err)
                 time.sleep(delay)

@@ -2,7 +2,7 @@
 
 Errors print one line, `mistral4-jax COMMAND: error: ...`: exit 2 when the arguments or input files are
 wrong (argparse's own errors, `UsageError`, every `Mistral4Error`), 1 when a run fails otherwise.
-SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_on_signal`, `_signals_held`).
+SIGINT ends any phase with one line and exit 130, SIGTERM with 143 (see `_Signals`, `_preimport`).
 """
 
 from __future__ import annotations
@@ -487,11 +487,8 @@ INTERRUPTED = {
 }
 
 
-_received: list[int] = []  # signals delivered to this process (the last one is re-delivered if swallowed)
-_state = {"command": None, "finished": None}  # finished: a program's exit status
-
 # The modules each command imports, loaded first (jax alone takes seconds) with SIGINT / SIGTERM held
-# (`_signals_held`). Building the parser imports none of them.
+# (`_preimport`). Building the parser imports none of them.
 IMPORTS = {
     "demo": ("mistral4_jax.demo.tiny", "mistral4_jax.train", "mistral4_jax.checkpoints.convert",
              "mistral4_jax.inference.generate", "mistral4_jax.inference.score"),
@@ -506,73 +503,83 @@ IMPORTS = {
 HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """Block SIGINT / SIGTERM while native modules initialise. A handler that runs inside an extension
+def _preimport(command: str) -> None:
+    """Load the command's modules with SIGINT / SIGTERM blocked. A handler that runs inside an extension
     module's initialisation turns into an ImportError, a gc callback's swallowed exception, or an
     interrupted system call that crashed jaxlib (SIGSEGV). The threads those modules start inherit the
     mask, so later signals reach only the main thread. A signal sent meanwhile stays pending and is
     delivered when the mask is restored: the handler then raises in ordinary code."""
-    import threading
-
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-
-
-def _preimport(command: str) -> None:
     import importlib
 
     if command == "convert":  # conversion is host work; jax reads JAX_PLATFORMS when it is imported
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    with _signals_held():
+    masks = hasattr(signal, "pthread_sigmask")  # not on Windows
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD) if masks else None
+    try:
         for name in IMPORTS.get(command, ()):
             importlib.import_module(name)
+    finally:
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def _on_signal(signum, frame):
-    """SIGINT / SIGTERM: silence the loggers of library threads (Orbax reports the interrupt through absl
-    with a traceback), then raise into the main thread, where every cleanup path runs."""
-    import logging
+class _Signals:
+    """SIGINT / SIGTERM while one `main` call runs its command (`start`): raised in the main thread as
+    KeyboardInterrupt / `Terminated`, so that every cleanup path runs. Used on the main thread only (where
+    handlers can be set); `restore` gives the caller back its handlers, unraisable hook and logging switch."""
 
-    if _state["finished"] is not None:  # the command is done and the process is leaving: keep its status
-        _exit_now(_state["finished"])
-    logging.disable(logging.CRITICAL)
-    _received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    def __init__(self):
+        import logging
 
+        self.received: list[int] = []  # the last one names the exit status
+        self.resending: list = []  # helper threads, joined by `restore`
+        self.running = True  # False once the command is over: a signal then changes nothing
+        self.handlers = {s: signal.getsignal(s) for s in HELD}
+        self.hook, self.logging_off = sys.unraisablehook, logging.root.manager.disable
 
-def _on_unraisable(unraisable) -> None:
-    """An interrupt raised while a gc or weakref callback ran is swallowed by Python ("Exception
-    ignored in ..."; jax registers a gc callback): send the signal to the main thread again from a helper
-    thread a moment later, once this hook and the collection have returned. (Raised from here, by
-    `raise_signal` or `interrupt_main`, the handler would run inside this hook and be lost; if it lands in
-    a callback again, this repeats.)"""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+    def start(self) -> None:
+        for s, h in self.handlers.items():
+            if h is not signal.SIG_IGN:  # a signal ignored by whoever started us (nohup, `cmd &` in a script) stays so
+                signal.signal(s, self.on_signal)
+        sys.unraisablehook = self.on_unraisable
+
+    def on_signal(self, signum, frame):
+        """Silences the loggers first: Orbax reports the interrupt from its threads through absl, with a
+        traceback."""
+        import logging
+
+        if self.running:
+            logging.disable(logging.CRITICAL)
+            self.received.append(signum)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def on_unraisable(self, unraisable) -> None:
+        """Python swallows an exception raised inside a gc or weakref callback ("Exception ignored in ...";
+        jax registers a gc callback). An interrupt lost so is sent again from a helper thread a moment later,
+        once this hook and the collection have returned: sent from here, its handler would run inside this
+        hook and be lost too. (If it lands in a callback again, this repeats.)"""
         import threading
 
-        def again(signum=_received[-1], main=threading.main_thread().ident):
-            time.sleep(0.01)
-            signal.pthread_kill(main, signum)
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.received:
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, self.received[-1]))
+            self.resending.append(again)
+            again.start()
+        else:
+            self.hook(unraisable)
 
-        threading.Thread(target=again, daemon=True).start()
-        return
-    sys.__unraisablehook__(unraisable)
+    def restore(self, program: bool) -> None:
+        """The caller's state back (`running` is already False), no helper left to send a signal after this
+        returns. A program ignores both signals from here on instead: Python restores the default handlers in
+        its teardown, where a signal would kill the process without a word; a late one leaves the status."""
+        import logging
 
-
-def _interrupted(args) -> int:
-    term = _received[-1:] == [signal.SIGTERM]
-    what = "terminated" if term else "interrupted"
-    command = getattr(args, "command", None) or _state["command"]
-    note = INTERRUPTED.get(command, "").format(**vars(args)) if args is not None and command else ""
-    print(f"mistral4-jax{' ' + command if command else ''}: {what}" + (f"; {note}" if note else ""),
-          file=sys.stderr, flush=True)
-    return 143 if term else 130
+        for again in self.resending:  # one that fires meanwhile finds `running` False
+            again.cancel()
+            again.join()
+        for s, h in self.handlers.items():
+            signal.signal(s, signal.SIG_IGN if program else h)
+        sys.unraisablehook = self.hook
+        logging.disable(self.logging_off)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -586,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(argv) -> int:
+def _run(argv, received: list[int]) -> int:
+    """The command's exit status: the one place that decides it (argparse's own exits aside)."""
     args = None
     try:
         parser = build_parser()
@@ -594,86 +602,67 @@ def _run(argv) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        _state["command"] = args.command
         _preimport(args.command)
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a reader that left before the last bytes is a closed pipe too
+        return rc
     except SystemExit:
         raise
     except BaseException as e:
         from .errors import Mistral4Error
 
+        command = getattr(args, "command", None)
         # After a signal, whatever comes out is the interrupt, however a library re-raised it (Orbax turns
         # one during a save into its own error).
-        if _received or isinstance(e, KeyboardInterrupt):
-            if not _received:
-                _received.append(signal.SIGINT)
-            return _interrupted(args)
+        if received or isinstance(e, KeyboardInterrupt):
+            term = received[-1:] == [signal.SIGTERM]
+            note = INTERRUPTED.get(command, "").format(**vars(args)) if command else ""
+            print(f"mistral4-jax{' ' + command if command else ''}: {'terminated' if term else 'interrupted'}"
+                  + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
+            return 143 if term else 130
         if not isinstance(e, Exception) or os.environ.get("MISTRAL4_JAX_TRACEBACK"):
             raise
         if isinstance(e, BrokenPipeError):  # whoever read our output stopped (`| head`): leave quietly, as
             return 141                      # Unix tools do (128 + SIGPIPE; Python ignores the signal itself)
         if isinstance(e, (UsageError, Mistral4Error)):
-            print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
+            print(f"mistral4-jax {command}: error: {e}", file=sys.stderr)
             return 2
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"mistral4-jax {args.command}: error: {type(e).__name__}: {first} "
+        print(f"mistral4-jax {command}: error: {type(e).__name__}: {first} "
               "(MISTRAL4_JAX_TRACEBACK=1 shows where)", file=sys.stderr)
         return 1
 
 
 def main(argv=None, *, program: bool | None = None) -> int:
-    """Run one command. `argv=None` reads sys.argv and is a program run (`program` defaults to that): the
-    process ends here with the command's exit status (`_leave`). Called with a list from Python, it returns."""
+    """Run one command and return its exit status. `argv=None` reads sys.argv and is a program run
+    (`program` defaults to that). Called from Python, it leaves the caller's signal handlers, signal mask,
+    unraisable hook and logging switch as they were, however the command ends."""
     import threading
 
     program = argv is None if program is None else program
-    on_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
-    previous = {s: signal.getsignal(s) for s in HELD} if on_main else {}
-    for s, h in previous.items():
-        if h is not signal.SIG_IGN:  # a signal ignored by whoever started us (nohup, a background job) stays so
-            signal.signal(s, _on_signal)
-    _received.clear()
-    _state.update(command=None, finished=None)
-    hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
-    rc = 1  # what a signal during shutdown leaves with if the command raised (MISTRAL4_JAX_TRACEBACK=1)
+    if threading.current_thread() is not threading.main_thread():  # no handlers can be set here
+        return _run(argv, [])
+    signals = _Signals()
+    rc = None
     try:
-        rc = _run(argv)
+        signals.start()
+        rc = _run(argv, signals.received)
     except SystemExit as e:  # argparse: --help / --version (0), a usage error (2)
         if not program:
             raise
         rc = 0 if e.code is None else e.code
     finally:
-        if program:  # our handlers stay: a signal from here on leaves with rc
-            _state["finished"] = rc
-        else:
-            sys.unraisablehook = hook
-            for s, h in previous.items():
-                signal.signal(s, h)
-    if program:
-        _leave(rc)
+        signals.running = False  # first, before any call: a signal from here on changes nothing
+        signals.restore(program)
+    if program and rc in (130, 141, 143):
+        # Nothing more runs: after an interrupt, library threads (Orbax's writers, XLA) may still be at work,
+        # and teardown beside them can crash or write after the cleanup; after a closed pipe, the
+        # interpreter's last flush would fail again, with a message.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing to say there
+                stream.flush()
+        os._exit(rc)
     return rc
-
-
-def _leave(rc: int) -> None:
-    """How a program run ends. The atexit functions (jax's, logging's) run with our handlers installed,
-    then the process exits without the interpreter's module teardown: Python restores the default
-    handlers there, so a signal during it killed the process without a word, and teardown with XLA and
-    Orbax threads still running can crash. After an interrupt nothing more runs at all; every file is
-    already closed or removed by then."""
-    import atexit
-
-    if rc not in (130, 143):
-        atexit._run_exitfuncs()
-    _exit_now(rc)
-
-
-def _exit_now(rc: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing left to say there
-            pass
-    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM at several moments of real `mistral4-jax` processes: one line on stderr,
-exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes."""
+exit 130 / 143, no traceback, nothing half-written, and an interrupted `finetune` resumes. A SIGINT
+ignored by whoever started the process stays ignored; in-process calls leave the caller's signal state."""
 
 import json
 import os
@@ -40,13 +41,28 @@ def hf(tmp_path_factory):
     return d
 
 
+def _python(*args: str, sigint: str = "SIG_DFL") -> list[str]:
+    """The argv of a child `python ARGS` that starts with SIGTERM at its default, SIGINT at `sigint`, both
+    unblocked, whatever this process inherited: every child these tests start goes through it. A shell
+    without job control starts `cmd &` with SIGINT ignored, every child inherits that, and the CLI rightly
+    keeps a signal its starter ignored (nohup): started so, the signal tests would test nothing. A launcher
+    sets them and execs the child (same process): Popen's restore_signals leaves SIGINT as it is, and a
+    preexec_fn would fork this multithreaded (JAX) process."""
+    launcher = ("import os, signal, sys\n"
+                f"signal.signal(signal.SIGINT, signal.{sigint})\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+                "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))\n"
+                "os.execv(sys.executable, sys.argv[1:])")
+    return [sys.executable, "-c", launcher, sys.executable, *args]
+
+
 class Run:
     """A `python -m mistral4_jax ARGS` process whose stdout / stderr go to files (read while it runs)."""
 
-    def __init__(self, tmp: Path, *args: str, interrupted: bool = True):
+    def __init__(self, tmp: Path, *args: str, interrupted: bool = True, sigint: str = "SIG_DFL"):
         self.out, self.err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
         with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", *args], cwd=ROOT,
+            self.p = subprocess.Popen(_python("-m", "mistral4_jax", *args, sigint=sigint), cwd=ROOT,
                                       env=ENV if interrupted else ENV_CACHED, stdout=o, stderr=e)
 
     def wait_for(self, ready, timeout=600.0):
@@ -55,6 +71,15 @@ class Run:
             assert self.p.poll() is None, f"exited {self.p.returncode} early:\n{self.err.read_text()[-3000:]}"
             assert time.monotonic() - t0 < timeout, "timed out waiting"
             time.sleep(0.05)
+
+    def imports_began(self) -> bool:
+        """jaxlib's library is mapped once the command's imports began (building the parser imports no
+        jax); the rest of them (flax, orbax, the package) take a second or more."""
+        maps = Path(f"/proc/{self.p.pid}/maps")
+        if not maps.exists():  # no /proc: half a second is inside the imports
+            time.sleep(0.5)
+            return True
+        return "jaxlib" in maps.read_text()
 
     def stop(self, sig) -> tuple[int, str]:
         self.p.send_signal(sig)
@@ -80,17 +105,7 @@ def _finetune(hf, out):
 def test_interrupt_during_imports_is_one_line(hf, tmp_path, after):
     """The signal lands while jaxlib's native module initialises (after=0) and in the imports after it."""
     run = Run(tmp_path, "generate", "--model", str(hf), "--prompt", "hi")
-    maps = Path(f"/proc/{run.p.pid}/maps")
-
-    # jaxlib's library is mapped once the command's imports began (building the parser imports no jax);
-    # the rest of them (flax, orbax, the package) take a second or more
-    def imports_began() -> bool:
-        if not maps.exists():  # no /proc: half a second is inside the imports
-            time.sleep(0.5)
-            return True
-        return "jaxlib" in maps.read_text()
-
-    run.wait_for(imports_began)
+    run.wait_for(run.imports_began)
     time.sleep(after)
     _one_clean_line(*reversed(run.stop(signal.SIGINT)), 130, "mistral4-jax generate: interrupted")
 
@@ -130,34 +145,111 @@ def test_finetune_interrupted_at_any_point_resumes(hf, tmp_path):
     assert cli.main(["chat", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
 
 
+def test_sigint_ignored_by_the_starter_stays_ignored(hf, tmp_path):
+    """Started with SIGINT ignored (nohup, a background job of a script), the command keeps ignoring it,
+    during its imports and after them, and finishes with its whole output."""
+    run = Run(tmp_path, "generate", "--model", str(hf), "--ids", "1,2", "--max-new-tokens", "2",
+              interrupted=False, sigint="SIG_IGN")  # as nohup, or `cmd &` in a script, starts it
+    run.wait_for(run.imports_began)
+    run.p.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    if run.p.poll() is None:
+        run.p.send_signal(signal.SIGINT)
+    rc, err = run.finish()
+    assert rc == 0 and "interrupted" not in err, err[-3000:]
+    assert len(json.loads(run.out.read_text())["outputs"]) == 1
+
+
 def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
     """Python swallows an exception raised inside a gc callback (jax registers one); the CLI's hook must
     deliver the interrupt again so that it lands in ordinary code, not inside the hook itself."""
     script = """if True:
         import gc, signal, sys, time
         from mistral4_jax import cli
-        signal.signal(signal.SIGINT, cli._on_signal)
-        sys.unraisablehook = cli._on_unraisable
-        def callback(phase, info):
-            if phase == "start" and not cli._received:
+
+        def callback(phase, info, sent=[]):
+            if phase == "start" and not sent:
+                sent.append(signal.SIGINT)
                 signal.raise_signal(signal.SIGINT)  # the handler raises here, inside the collection
-        gc.callbacks.append(callback)
-        try:
+
+        def command(args):  # the command: a collection, then ordinary code for two seconds
+            gc.callbacks.append(callback)
             gc.collect()
-            for _ in range(200):  # ordinary code, for two seconds
+            for _ in range(200):
                 time.sleep(0.01)
             print("lost")
-        except KeyboardInterrupt:
-            print("delivered")
+            return 0
+
+        cli.run_convert, cli.IMPORTS = command, {}
+        print(cli.main(["convert", "src", "dst"]))
     """
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert (r.stdout.strip(), r.stderr) == ("delivered", "")
+    r = subprocess.run(_python("-c", script), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert (r.stdout.split(), r.stderr) == (["130"], "mistral4-jax convert: interrupted; nothing was written to dst\n")
+
+
+def test_in_process_calls_leave_the_callers_signal_state(hf, monkeypatch, capsys):
+    """`cli.main([...])` from Python sets its handlers for the call only: after a success, an error, an
+    argparse exit, an interrupt, a termination and an interrupt lost in a gc callback, the caller's SIGINT /
+    SIGTERM handlers, signal mask, unraisable hook and logging switch are as they were, and no signal
+    reaches the caller afterwards."""
+    import gc
+    import logging
+
+    from mistral4_jax import cli
+
+    def callers(signum, frame):
+        raise AssertionError(f"signal {signum} reached the caller")
+
+    def state():
+        return ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+                signal.pthread_sigmask(signal.SIG_BLOCK, []), sys.unraisablehook, logging.root.manager.disable)
+
+    saved = state()
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, callers)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        before = state()
+        gen = ["generate", "--model", str(hf), "--ids", "1,2", "--max-new-tokens", "1", "--dtype", "float32"]
+        assert cli.main(gen) == 0 and state() == before
+        assert cli.main(gen[:3] + ["--ids", "1,x"]) == 2 and state() == before
+        with pytest.raises(SystemExit):
+            cli.main(gen[:3] + ["--dtype", "bf16"])
+        assert state() == before
+        for sig, rc, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+            monkeypatch.setattr(cli, "_load", lambda args, sig=sig: signal.raise_signal(sig))
+            capsys.readouterr()
+            assert cli.main(gen) == rc and state() == before
+            assert capsys.readouterr().err == f"mistral4-jax generate: {word}\n"
+        # an interrupt swallowed by a gc callback as the command ends: sent again while the call runs, or never
+        def swallowed(args, sent=[]):
+            def callback(phase, info):
+                if phase == "start" and not sent:
+                    sent.append(signal.SIGINT)
+                    signal.raise_signal(signal.SIGINT)
+
+            gc.callbacks.append(callback)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(callback)
+            return 0
+
+        monkeypatch.setattr(cli, "run_convert", swallowed)
+        monkeypatch.setattr(cli, "IMPORTS", {})
+        assert cli.main(["convert", "src", "dst"]) in (0, 130) and state() == before
+        time.sleep(0.2)  # a signal sent on by a helper thread would have reached `callers` by now
+    finally:
+        handlers, mask = saved[:2]
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_closed_output_pipe_is_quiet(hf, tmp_path):
     """`mistral4-jax generate ... | head -c 1`: the reader left; the command stops with 141 and says nothing."""
-    p = subprocess.Popen([sys.executable, "-m", "mistral4_jax", "generate", "--model", str(hf), "--prompt", "hi",
-                          "--max-new-tokens", "2"], cwd=ROOT, env=ENV_CACHED, stdout=subprocess.PIPE,
+    p = subprocess.Popen(_python("-m", "mistral4_jax", "generate", "--model", str(hf), "--prompt", "hi",
+                                 "--max-new-tokens", "2"), cwd=ROOT, env=ENV_CACHED, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     p.stdout.close()  # the reader is gone before the first byte
     err = p.stderr.read().decode()

@@ -200,6 +200,44 @@ def test_full_finetune_overfits_and_resumes_exactly(tmp_path):
         Trainer(_model(seed=7), _examples(), dataclasses.replace(cfg, lr=1e-3), tmp_path / "b").restore()
 
 
+class _InterruptedOnce:
+    """A metric whose first read raises KeyboardInterrupt: what a Ctrl-C during `float(v)`, which waits for
+    the step to finish, looks like (the usual moment a signal lands in a run)."""
+
+    def __init__(self, value):
+        self.value, self.raised = value, False
+
+    def __float__(self):
+        if not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt
+        return float(self.value)
+
+
+def test_interrupt_between_a_step_and_its_log_line_keeps_log_and_checkpoint_equal(tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-3, batch_size=2, max_len=16)
+    tr = Trainer(_model(), _examples(), cfg, tmp_path, save_every=100)
+    step_fn = tr.step_fn
+
+    def interrupted_at_step_3(*args):
+        state, metrics = step_fn(*args)
+        return state, metrics | ({"loss": _InterruptedOnce(metrics["loss"])} if int(state["step"]) == 3 else {})
+
+    tr.step_fn = interrupted_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(progress=False)
+    log = tmp_path / "train_log.jsonl"
+    logged = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
+    assert (tr.manager.latest_step(), logged) == (3, [1, 2, 3])  # the saved step has its line
+    # a line cut short by a kill while it was written is dropped on resume; the run continues to the end
+    with open(log, "a") as f:
+        f.write('{"loss": 5.1, "st')
+    tr.step_fn = step_fn
+    assert tr.restore() and tr.step == 3
+    tr.run(progress=False)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_lora_overfits_and_the_merged_export_loads(tmp_path):
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("attention", "shared_experts", "experts"))
     cfg = TrainConfig(steps=60, lr=1e-2, batch_size=8, max_len=16, lora=lora)

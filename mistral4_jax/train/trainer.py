@@ -47,6 +47,14 @@ def _run_config(cfg: TrainConfig) -> dict:
     return d
 
 
+def _step_of(line: str | bytes) -> int | None:
+    """The step of a train_log.jsonl line; None for a partial line (a process killed while writing it)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Trainer:
     """Holds the model split into graph / frozen / train state, the compiled step and the checkpointer."""
 
@@ -70,6 +78,7 @@ class Trainer:
             state = jax.device_put(state, state_shardings(state, self.tx, mesh, self.frozen))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
+        self._unlogged = None  # the metrics of a finished step whose log line is not written yet
         self.out.mkdir(parents=True, exist_ok=True)
         self.manager = ocp.CheckpointManager(
             (self.out / "checkpoints").absolute(),
@@ -85,6 +94,7 @@ class Trainer:
         return {"state": self.state, "rng": jax.random.key_data(self.key)}
 
     def save(self, force: bool = False) -> None:
+        self._log_step()  # the log has every step a saved state includes, written before that state
         if self.step in self.manager.all_steps():  # interrupted again before the next step finished
             return
         leaves = jax.tree.leaves(self._tree())
@@ -98,6 +108,7 @@ class Trainer:
         """Continue from the latest checkpoint in OUT/checkpoints, if any. Returns whether it did."""
         step = self.manager.latest_step()
         if step is None:
+            self._truncate_log(0)  # lines of a run stopped before its first checkpoint
             return False
         tree = self._tree()
         leaves, treedef = jax.tree.flatten(tree)
@@ -114,10 +125,14 @@ class Trainer:
         return True
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines past the restored step (written by the interrupted run after its last save)."""
+        """Drop log lines past the restored step (written by the interrupted run after its last save) and a
+        partial last line (a process killed while writing it); rewritten through a temporary file."""
         if self.log_path.exists():
-            lines = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            self.log_path.write_text("".join(ln + "\n" for ln in lines))
+            lines = self.log_path.read_text().splitlines()
+            kept = [ln for ln in lines if (n := _step_of(ln)) is not None and n <= step]
+            tmp = self.log_path.with_name(f".{self.log_path.name}.partial-{os.getpid()}")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.log_path)
 
     # ------------------------------------------------------------------ running
     def next_batch(self) -> dict:
@@ -131,13 +146,26 @@ class Trainer:
         batch = self.next_batch()
         pixels, sizes = batch.pop("pixel_values", None), batch.pop("image_sizes", None)
         with mesh_context(self.mesh):  # the expert dispatch splits the experts over the mesh's `expert` axis
-            self.state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
-                                               None if sizes is None else tuple(map(tuple, sizes.tolist())))
-        self.position += self.cfg.batch_size
-        m = {k: float(v) for k, v in metrics.items()}
-        m["step"] = self.step
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+            state, metrics = self.step_fn(self.state, self.frozen, batch, pixels,
+                                          None if sizes is None else tuple(map(tuple, sizes.tolist())))
+        # The old state was donated to the step, so the new one is kept at once; its log line is still
+        # owed (`_log_step`), and `save` writes it first if an interrupt came before it.
+        self.state, self.position, self._unlogged = state, self.position + self.cfg.batch_size, metrics
+        return self._log_step()
+
+    def _log_step(self) -> dict | None:
+        """Append the line of the step `self.state` holds, if it is owed, and flush it to disk. Reading its
+        values waits for the step to finish: a signal usually lands there, and `save` then calls this again."""
+        if self._unlogged is None:
+            return None
+        m = {k: float(v) for k, v in self._unlogged.items()} | {"step": self.step}
+        with open(self.log_path, "a+b", buffering=0) as f:  # unbuffered: one write, the line whole or absent
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = f.read().splitlines()[-1:]
+            if not last or _step_of(last[0]) != self.step:  # else written just before an interrupt
+                f.write((json.dumps(m) + "\n").encode())
+            os.fsync(f.fileno())
+        self._unlogged = None
         return m
 
     def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
