@@ -1,4 +1,4 @@
-"""FP8 weights in memory: an E4M3 kernel with a float32 scale per output column (spec 2.4).
+"""FP8 weights in memory: an E4M3 kernel with a float32 scale per output column (docs/model.md 2.4).
 
 A quantised weight is an `Fp8Weight` pytree (q [..., in, out] float8_e4m3fn, scale [..., 1, out] float32)
 stored as the value of the parameter it replaces. Every consumer reads weights with `param[...]`

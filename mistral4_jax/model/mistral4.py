@@ -105,7 +105,7 @@ class Mistral4MoE(nnx.Module):
 
 
 class Mistral4Attention(nnx.Module):
-    """Multi-head latent attention (spec 3.3), expanded form for the full-sequence forward.
+    """Multi-head latent attention (docs/model.md 3.3), expanded form for the full-sequence forward.
 
     The work is split so that a latent cache fits: `latent` gives what a cache stores per token
     (normalised c_kv [B, T, kv_lora_rank] and the rotated shared rope key [B, T, rope_dim]); `query`
@@ -175,7 +175,7 @@ class Mistral4Attention(nnx.Module):
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def attend_latent(self, q_bthd, cache: Cache, index, positions_bt) -> jax.Array:
-        """`attend` in the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after attention.
+        """`attend` in the absorbed form (docs/model.md 3.3.6): W_UK folded into the query, W_UV after attention.
 
         Reads layer `index` of the latent cache (c_kv [L, B, S, kv_lora_rank], k_pe [L, B, S, rope]) once
         for all heads; a query at position p attends to slots <= p. The blockwise form reads only the

@@ -1,4 +1,4 @@
-"""Routing and the routed-expert computation (spec 3.4), as pure functions.
+"""Routing and the routed-expert computation (docs/model.md 3.4), as pure functions.
 
 Expert weights are stacked: `gate_up_ehf` [E, H, 2I] (gate columns first, then up) and `down_efh`
 [E, I, H], i.e. the transposes of the HF tensors so that every matmul is x @ W.
@@ -27,7 +27,7 @@ from .ops import activation
 
 EXPERT_IMPLS = ("grouped", "dense", "gather", "auto")
 # "auto" switches to "gather" at or below this many (token, expert) pairs per call. Provisional: 64 pairs
-# = 16 tokens at top-4, from the uniform-routing arithmetic in gpu-notes.md 2.3 (at 16 tokens ~50 of
+# = 16 tokens at top-4, from the uniform-routing arithmetic in docs/gpu.md 2.3 (at 16 tokens ~50 of
 # 128 experts are touched); to be replaced by the crossover bench/bench_gpu.py measures on GPU.
 GATHER_MAX_PAIRS = 64
 
