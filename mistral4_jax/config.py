@@ -1,4 +1,4 @@
-"""Model configuration: frozen dataclasses parsed from an HF `config.json` (spec section 1).
+"""Model configuration: frozen dataclasses parsed from an HF `config.json` (docs/model.md 1).
 
 The tree mirrors the file: `ModelConfig` (the `Mistral3ForConditionalGeneration` fields) holds a
 `TextConfig` (`text_config`, `model_type: mistral4`), an optional `VisionConfig` (`vision_config`,
@@ -27,7 +27,7 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_python", "gelu_pytorch_tanh", "gel
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """YaRN rotary embedding of the text model (spec 3.3.2) plus the Llama-4 query scale (3.3.4)."""
+    """YaRN rotary embedding of the text model (docs/model.md 3.3.2) plus the Llama-4 query scale (3.3.4)."""
 
     rope_type: str = "yarn"
     rope_theta: float = 10000.0
@@ -76,7 +76,7 @@ class TextConfig:
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = 11
     rope: RopeConfig = field(default_factory=RopeConfig)
-    # Port switches (spec section 7). Release semantics by default.
+    # Port switches (docs/model.md 7). Release semantics by default.
     apply_yarn_mscale: bool = False  # True: softmax scale * mscale^2, as transformers >= PR #47435 does
     router_softmax_fp32: bool = True  # False: softmax in the activation dtype, as transformers does
     # "auto" (gather at a few (token, expert) pairs, the routed loop above; see moe.py), "routed" (a loop over
@@ -101,7 +101,7 @@ class TextConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(qk_head_dim); times mscale^2 only with `apply_yarn_mscale` (spec 3.3.5)."""
+        """1/sqrt(qk_head_dim); times mscale^2 only with `apply_yarn_mscale` (docs/model.md 3.3.5)."""
         scale = self.qk_head_dim**-0.5
         if self.apply_yarn_mscale:
             scale *= self.yarn_mscale**2
@@ -151,7 +151,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """`quantization_config` of an FP8 checkpoint (spec 2.4): per-tensor E4M3 scales."""
+    """`quantization_config` of an FP8 checkpoint (docs/model.md 2.4): per-tensor E4M3 scales."""
 
     quant_method: str = "fp8"
     activation_scheme: str = "static"
@@ -182,7 +182,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def mistral_small_4(cls) -> ModelConfig:
-        """The released `mistralai/Mistral-Small-4-119B-2603` (spec section 1)."""
+        """The released `mistralai/Mistral-Small-4-119B-2603` (docs/model.md 1)."""
         return cls(quantization=QuantConfig(modules_to_not_convert=(
             "model.vision_tower", "model.multi_modal_projector", "lm_head")))
 
@@ -537,7 +537,7 @@ def _parse_hf(d: dict[str, Any], source: str) -> ModelConfig:
             raise ConfigError(f"{source}: vision_feature_layer {list(vfl)} is not supported: the projector takes one "
                               "layer's features (expected an int or a one-element list)")
         kw["vision_feature_layer"] = vfl[0]
-    # Mistral3Config defaults tie_word_embeddings to true: an absent key means tied (spec 1.1).
+    # Mistral3Config defaults tie_word_embeddings to true: an absent key means tied (docs/model.md 1.1).
     kw.setdefault("tie_word_embeddings", True)
     return ModelConfig(text=text, vision=vision, quantization=quant, **kw)
 

@@ -28,7 +28,7 @@ VISION_DEFAULTS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 ROPE_DEFAULTS = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32,
                      beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)
 
-# Projections stored in FP8 in the released checkpoint (spec 2.4).
+# Projections stored in FP8 in the released checkpoint (docs/model.md 2.4).
 FP8_LINEAR = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
               "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.shared_experts.")
 
@@ -68,7 +68,7 @@ def build(cfg, seed: int = 0, release_scale: bool = True) -> torch.nn.Module:
 
 
 def set_release_scale(model) -> None:
-    """Patch the reference to the release softmax scale 1/sqrt(qk_head_dim) (spec 3.3.5)."""
+    """Patch the reference to the release softmax scale 1/sqrt(qk_head_dim) (docs/model.md 3.3.5)."""
     for m in model.modules():
         if type(m).__name__ == "Mistral4Attention":
             m.scaling = m.qk_head_dim**-0.5

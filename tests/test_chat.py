@@ -1,6 +1,6 @@
-"""The v15 chat format: exact token sequences built from the spec-4 layout, errors, output parsing.
+"""The v15 chat format: exact token sequences built from the layout of docs/model.md 4, errors, output parsing.
 
-Expected sequences are written from the spec: literal special ids (spec 4 table) around the tiny
+Expected sequences are written from docs/model.md: literal special ids (docs/model.md 4 table) around the tiny
 tokenizer's encodings of the text pieces (the tokenizer itself is checked in test_tokenizer.py).
 """
 

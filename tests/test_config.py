@@ -1,4 +1,4 @@
-"""Configuration parsing, validation and the pure RoPE / scale math, against the spec's numbers."""
+"""Configuration parsing, validation and the pure RoPE / scale math, against the numbers of docs/model.md."""
 
 import json
 import math
@@ -10,7 +10,7 @@ from mistral4_jax import ConfigError, ModelConfig
 from mistral4_jax.model import ops
 from mistral4_jax.config import RopeConfig
 
-# Spec 3.3.2: omega_i for the released rope settings.
+# docs/model.md 3.3.2: omega_i for the released rope settings.
 SPEC_OMEGA = [1.0, 0.74989, 0.56234, 0.42170, 0.31623, 0.23714, 0.17783, 0.13335, 0.1, 0.074989, 0.056234,
               0.042170, 0.031623, 0.021904, 0.015068, 0.010282, 6.9471e-3, 4.6373e-3, 3.0483e-3, 1.9640e-3,
               1.2315e-3, 7.4248e-4, 4.2106e-4, 2.1397e-4, 8.4135e-5, 5.8585e-6, 4.3933e-6, 3.2945e-6,
@@ -41,7 +41,7 @@ def test_yarn_matches_transformers():
         assert attn_factor == 1.0
 
 
-# Spec 3.3.4 values; for 262143 the spec's 1.34965 drops the floor: floor(262143/8192) = 31 gives 1 + 0.1 ln 32.
+# docs/model.md 3.3.4 values; for 262143 the once-quoted 1.34965 drops the floor: floor(262143/8192) = 31 gives 1 + 0.1 ln 32.
 @pytest.mark.parametrize("pos,value", [(0, 1.0), (8191, 1.0), (8192, 1.06931), (16384, 1.10986),
                                        (65536, 1.21972), (131072, 1.28332), (262143, 1 + 0.1 * math.log(32))])
 def test_llama4_query_scale_matches_spec(pos, value):
@@ -51,7 +51,7 @@ def test_llama4_query_scale_matches_spec(pos, value):
 
 def test_softmax_scale_release_and_switch():
     t = ModelConfig.mistral_small_4().text
-    assert t.softmax_scale == pytest.approx(0.088388347648, abs=1e-12)  # spec 3.3.5, release semantics
+    assert t.softmax_scale == pytest.approx(0.088388347648, abs=1e-12)  # docs/model.md 3.3.5, release semantics
     assert t.rope_attention_factor == 1.0
     import dataclasses
     switched = dataclasses.replace(t, apply_yarn_mscale=True)
@@ -59,7 +59,7 @@ def test_softmax_scale_release_and_switch():
 
 
 def test_real_model_parameter_count():
-    """Spec 1.5: the weights (no FP8 scales) of the released model sum to 119,401,298,944."""
+    """docs/model.md 1.5: the weights (no FP8 scales) of the released model sum to 119,401,298,944."""
     import jax.numpy as jnp
     from mistral4_jax.checkpoints.read import abstract_model, param_shapes
 

@@ -1,7 +1,7 @@
 """`mistral4-jax convert`: HF and native checkpoints to Orbax, checked against the transformers reference.
 
 The native checkpoints are written here from a reference model the way Mistral's files are laid out
-(spec 2.3, 2.5): native names, per-expert w1/w2/w3 each with its own FP8 `qscale_weight`, and vision q/k
+(docs/model.md 2.3, 2.5): native names, per-expert w1/w2/w3 each with its own FP8 `qscale_weight`, and vision q/k
 rows in interleaved-RoPE order (the inverse of transformers' `_permute_for_rope`).
 """
 
@@ -49,7 +49,7 @@ INFIXES = [(".input_layernorm.", ".attention_norm."), (".post_attention_layernor
 
 
 def _native_name(name: str) -> str:
-    """transformers 5 name -> Mistral-native name (spec 2.3), written out independently of mistral4_jax."""
+    """transformers 5 name -> Mistral-native name (docs/model.md 2.3), written out independently of mistral4_jax."""
     for a, b in PREFIXES:
         if name.startswith(a):
             name = b + name[len(a):]

@@ -126,7 +126,7 @@ def test_bad_input_is_refused_before_compiling(pair, kwargs, message):
 
 
 def test_absorbed_attention_equals_expanded():
-    """Spec 3.3.6: folding W_UK into the query and W_UV after the softmax is the same function."""
+    """docs/model.md 3.3.6: folding W_UK into the query and W_UV after the softmax is the same function."""
     from mistral4_jax.model import ops
 
     g = np.random.default_rng(64)

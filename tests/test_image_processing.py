@@ -1,4 +1,4 @@
-"""Image preprocessing (spec 3.6 step 1) on synthetic images, and the "hf" pipeline against transformers'
+"""Image preprocessing (docs/model.md 3.6 step 1) on synthetic images, and the "hf" pipeline against transformers'
 Pixtral processor (the default pipeline is compared with mistral-common in test_mistral_common.py)."""
 
 import numpy as np
@@ -12,8 +12,8 @@ CFG = ImageConfig()  # 1540, patch 14, merge 2: 28 pixels per token
 
 
 @pytest.mark.parametrize("size,grid", [
-    ((1540, 1540), (55, 55)),   # spec 3.6 example: 3025 [IMG]
-    ((1024, 768), (37, 28)),    # spec 3.6 example: resized to 1036x784
+    ((1540, 1540), (55, 55)),   # docs/model.md 3.6 example: 3025 [IMG]
+    ((1024, 768), (37, 28)),    # docs/model.md 3.6 example: resized to 1036x784
     ((28, 28), (1, 1)),
     ((29, 28), (2, 1)),
     ((1, 1), (1, 1)),

@@ -1,7 +1,7 @@
 """On-disk layouts x tiny configs off the released shape, through the public API only.
 
 Each source is written from a transformers reference model (tests/reference.py, and a native writer
-below) in one of the layouts of spec 2.1-2.5, loaded with `from_pretrained` directly and after
+below) in one of the layouts of docs/model.md 2.1-2.5, loaded with `from_pretrained` directly and after
 `convert` (float32 / bfloat16 / float8), on one device and on a mesh, and with weights="fp8"; the
 logits are compared with the reference's. The configs combine what the released model does not
 have: a dense first layer, q_lora_rank null (a plain q_proj, native `attention.wq`), two shared
@@ -48,7 +48,7 @@ def _build(spec, seed):
 
 # ---------------------------------------------------------------------- a native writer (test side)
 def _native(name: str) -> str:
-    """transformers name of a text-only model -> native name (spec 2.3), with the plain-q and dense-layer names
+    """transformers name of a text-only model -> native name (docs/model.md 2.3), with the plain-q and dense-layer names
     test_convert's writer does not need: `attention.wq`, `feed_forward.w1|w2|w3` (the vLLM native table)."""
     name = "model.language_model." + name[len("model."):] if name.startswith("model.") else name
     name = _native_name(name).replace(".self_attn.q_proj.", ".attention.wq.")
@@ -229,7 +229,7 @@ def test_weights_fp8_of_a_float32_source_is_per_row_e4m3(sources, text_inputs, t
 
 
 def test_a_full_snapshot_with_both_copies_reads_the_hf_side(sources, text_inputs, tmp_path):
-    """The released repository ships the HF and the native copy side by side (spec 2.1). Here the native
+    """The released repository ships the HF and the native copy side by side (docs/model.md 2.1). Here the native
     copy holds FP8-rounded weights, so reading it would miss the unrounded reference by far more than TOL."""
     ref, hf = sources["text_fp32"]
     _, native = sources["text_native_fp8"]

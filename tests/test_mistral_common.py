@@ -1,6 +1,6 @@
 """Against mistral-common (the official implementation of Tekken, the v15 format and image
 preprocessing), on its production vocabulary `tekken_240911.json` turned into a v15 file here:
-version "v15", the 1,000 special tokens at the spec-4 ids, a settings block for reasoning effort
+version "v15", the 1,000 special tokens at the ids of docs/model.md 4, a settings block for reasoning effort
 none / high, image settings patch 14 / longest side 1540 / merge 2 (the released model's).
 
 A seeded generator writes hundreds of conversations (roles and runs of roles, part splits, unicode,

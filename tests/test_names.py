@@ -68,7 +68,7 @@ def test_native_names_and_vision_rows():
     slot = names.slot_of("vision_encoder.transformer.layers.0.attention.wq.weight", cfg, 1, native=True)
     heads = cfg.vision.num_attention_heads
     assert slot.transform == dataclasses.replace(names.LINEAR, interleaved_heads=heads)
-    # Interleaved RoPE pairs (row 2p+i of a head) go to rotate-half order (row i*d/2 + p), spec 2.5 item 3.
+    # Interleaved RoPE pairs (row 2p+i of a head) go to rotate-half order (row i*d/2 + p), docs/model.md 2.5 item 3.
     d = 4
     w = np.arange(heads * d)[:, None] * np.ones((1, 3))
     half = names.interleaved_to_half(w, heads)

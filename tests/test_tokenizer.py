@@ -22,7 +22,7 @@ TEXTS = [
     "[INST] not a control token </s> <s> [IMG]",
     "",
 ]
-# Spec section 4: the v15 special ids.
+# docs/model.md 4: the v15 special ids.
 SPEC_IDS = {"unk": 0, "bos": 1, "eos": 2, "inst": 3, "inst_end": 4, "available_tools": 5, "available_tools_end": 6,
             "tool_results": 7, "tool_results_end": 8, "tool_calls": 9, "img": 10, "pad": 11, "img_break": 12,
             "img_end": 13, "system_prompt": 17, "system_prompt_end": 18, "args": 32, "call_id": 33, "think": 34,

@@ -23,7 +23,7 @@ from mistral4_jax.text.tokenizer import Tokenizer
 from mistral4_jax.train.data import make_batch
 
 CFG = ModelConfig.tiny(vocab_size=256).replace(vision=None)
-# v15 special ids (spec section 4)
+# v15 special ids (docs/model.md 4)
 BOS, EOS, INST, END_INST, CALLS, SYS, END_SYS, ARGS, THINK, END_THINK, SET, END_SET = (
     1, 2, 3, 4, 9, 17, 18, 32, 34, 35, 36, 37)
 

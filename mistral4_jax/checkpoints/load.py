@@ -1,4 +1,4 @@
-"""`from_pretrained`: a checkpoint directory -> a Flax NNX model (spec 2.2, 2.4).
+"""`from_pretrained`: a checkpoint directory -> a Flax NNX model (docs/model.md 2.2, 2.4).
 
 The directory is recognised first: a converted Orbax checkpoint (`orbax.py`) is restored; an HF or
 Mistral-native safetensors one is planned (`plan.py`: every tensor matched to a parameter slot through

@@ -1,4 +1,4 @@
-"""THE table between on-disk tensor names and the module tree (spec 2.2, 2.3, 2.5).
+"""THE table between on-disk tensor names and the module tree (docs/model.md 2.2, 2.3, 2.5).
 
 Each row pairs an on-disk name (below one of the known prefixes) with the parameter it fills and the
 `Transform` that turns the on-disk layout into ours. Rows are templates: `{l}` a layer number, `{e}` an
@@ -29,7 +29,7 @@ class Transform:
     an E4M3 source may keep as E4M3 (converted float8 checkpoints, weights="fp8"). per_expert: the tensor
     is one expert of a fused [E, ...] slot; half: it fills the first (0) or second (1) half of the slot's
     last axis (gate / up of `gate_up_proj`). interleaved_heads: the on-disk rows are in interleaved-RoPE
-    order for this many heads (Mistral-native vision q/k, spec 2.5 item 3); ours are in rotate-half order.
+    order for this many heads (Mistral-native vision q/k, docs/model.md 2.5 item 3); ours are in rotate-half order.
     The methods work on numpy and jax arrays alike."""
 
     name: str
@@ -71,7 +71,7 @@ EXPERT_DOWN = Transform("down_proj", (1, 0), kernel=True, per_expert=True)
 
 
 def interleaved_to_half(w, n_heads: int):
-    """Rows of a q/k weight [H*d, in] from interleaved RoPE pairs to rotate-half order (spec 2.5 item 3).
+    """Rows of a q/k weight [H*d, in] from interleaved RoPE pairs to rotate-half order (docs/model.md 2.5 item 3).
 
     Within each head, row 2p+i moves to i*d/2 + p: view [H, d/2, 2, in], swap the middle axes."""
     out_dim, in_dim = w.shape
@@ -183,11 +183,11 @@ class NativeRow:
     native: str  # native name template
     hf: str  # released HF name template
     m: dict[str, str] | None = None  # native module name -> HF module name
-    interleaved: bool = False  # rows in interleaved-RoPE order (vision q/k, spec 2.5 item 3)
+    interleaved: bool = False  # rows in interleaved-RoPE order (vision q/k, docs/model.md 2.5 item 3)
 
 
-# Spec 2.3. Native per-expert `w1`/`w3` are separate tensors with their own `qscale_weight`: each half is
-# dequantised with its own scale (the HF converter's common-scale re-quantisation is lossy, spec 2.5 item 2).
+# docs/model.md 2.3. Native per-expert `w1`/`w3` are separate tensors with their own `qscale_weight`: each half is
+# dequantised with its own scale (the HF converter's common-scale re-quantisation is lossy, docs/model.md 2.5 item 2).
 NATIVE_ROWS = [
     NativeRow("tok_embeddings.weight", _NATIVE_LM + "embed_tokens.weight"),
     NativeRow("norm.weight", _NATIVE_LM + "norm.weight"),

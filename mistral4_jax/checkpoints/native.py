@@ -1,4 +1,4 @@
-"""Mistral's native checkpoint layout: `params.json` + `consolidated*.safetensors` (spec 1.4, 2.3, 2.5).
+"""Mistral's native checkpoint layout: `params.json` + `consolidated*.safetensors` (docs/model.md 1.4, 2.3, 2.5).
 
 One decision lives here: how `params.json` maps to a `ModelConfig` (as transformers'
 `convert_mistral4_weight_to_hf.py` does it); and which directories are native. The tensor names are
@@ -20,7 +20,7 @@ from .safetensors_io import check_shard_numbers, indexed_shards
 # ---------------------------------------------------------------------- params.json
 def is_native_dir(path: str | os.PathLike) -> bool:
     """params.json + consolidated*.safetensors, and no HF copy beside them. The released repository
-    ships both copies (byte-identical tensors, spec 2.1); a full snapshot is read through its HF side,
+    ships both copies (byte-identical tensors, docs/model.md 2.1); a full snapshot is read through its HF side,
     whose config.json is the one the reference reads."""
     d = Path(path)
     if not (d.is_dir() and (d / "params.json").exists() and any(d.glob("consolidated*.safetensors"))):
@@ -37,7 +37,7 @@ def _need(d: dict, key: str, source: str, where: str = ""):
 
 
 def hf_config_dict(params: dict, source: str = "params.json") -> tuple[dict, dict]:
-    """params.json -> (an HF `config.json` dict, port-switch overrides), following spec 1.4 and the
+    """params.json -> (an HF `config.json` dict, port-switch overrides), following docs/model.md 1.4 and the
     transformers converter's `convert_config`."""
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: expected a JSON object")

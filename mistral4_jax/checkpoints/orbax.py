@@ -1,4 +1,4 @@
-"""The converted checkpoint: parameters as Orbax checkpoints, one per decoder layer (spec 2.4 for FP8).
+"""The converted checkpoint: parameters as Orbax checkpoints, one per decoder layer (docs/model.md 2.4 for FP8).
 
 Layout of a directory written by `mistral4-jax convert`:
 

@@ -1,4 +1,4 @@
-"""Reading parameters: one slot reader, one stacked-parameter assembler, the abstract model (spec 2.4).
+"""Reading parameters: one slot reader, one stacked-parameter assembler, the abstract model (docs/model.md 2.4).
 
 A slot is a whole unstacked parameter or one layer of a stacked one. `read_slot` is the one way a slot
 is read from safetensors: its tensor(s) in on-disk layout, dequantised with their FP8 scale if they have

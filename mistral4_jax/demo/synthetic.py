@@ -1,4 +1,4 @@
-"""Random-weight checkpoints in the released HF on-disk layout (spec 2.2), written with numpy only.
+"""Random-weight checkpoints in the released HF on-disk layout (docs/model.md 2.2), written with numpy only.
 
 Used by the demo (a tiny model that needs no download) and by benchmarks (multi-GB files with the
 real tensor names, dtypes and FP8 scales). Written shard by shard, so memory stays at one shard.

@@ -3,7 +3,7 @@
 Its byte BPE is trained with the `tokenizers` trainer on a short text embedded here, with the released
 split regex, and written as a tiktoken-style ranked vocabulary: the 256 single bytes (ranks 0..255),
 then the merged tokens in the order the trainer made them. The special ids are the real v15 ones
-(spec section 4); only the number of special slots and of BPE ranks is smaller.
+(docs/model.md 4); only the number of special slots and of BPE ranks is smaller.
 """
 
 from __future__ import annotations

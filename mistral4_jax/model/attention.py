@@ -306,7 +306,7 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
     Cache slot s holds the token at position s, and a query at position p attends to slots <= p (the
     mask `ops.causal_mask(q_pos, slots)`), so only blocks up to the largest query position are read:
     a prefill chunk reads the slots up to its last token, a decode step the filled length, never the
-    whole buffer. Per block (spec 3.3.6), with q_lat = W_UK^T q_nope [B, T, H, C]:
+    whole buffer. Per block (docs/model.md 3.3.6), with q_lat = W_UK^T q_nope [B, T, H, C]:
       s = (q_lat . c[s] + q_pe . k_pe[s]) * scale,   o_lat = online-softmax(s) @ c,
     and out = W_UV o_lat. c_kv [B, S, C] and k_pe [B, S, R], or [L, B, S, .] with `layer` the index
     to read; rows_b: the cache rows the queries belong to (`read_cache_block`); q_valid_bt: the queries

@@ -1,6 +1,6 @@
 """The MLA latent cache that generation fills and reads (the cached forward is `Mistral4Model.forward_cached`).
 
-The cache holds, per layer and token, only what MLA needs to rebuild keys and values (spec 3.3.6):
+The cache holds, per layer and token, only what MLA needs to rebuild keys and values (docs/model.md 3.3.6):
 the normalised latent c_kv (kv_lora_rank values) and the rotated shared rope key k_pe
 (qk_rope_head_dim values). For the released model that is (256 + 64) * 2 bytes * 36 layers =
 23,040 bytes per token in bf16. Attention against it uses the absorbed form

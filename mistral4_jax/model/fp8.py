@@ -1,4 +1,4 @@
-"""FP8 weights in memory: an E4M3 kernel with a float32 scale per output column (spec 2.4).
+"""FP8 weights in memory: an E4M3 kernel with a float32 scale per output column (docs/model.md 2.4).
 
 A quantised weight is an `Fp8Weight` (a weight kind, `weights.py`): `q` [..., in, out] holds the E4M3 values
 as their uint8 bit patterns and `scale` [..., 1, out] float32, stored as the value of the parameter it

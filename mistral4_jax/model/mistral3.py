@@ -41,7 +41,7 @@ class Mistral3PatchMerger(nnx.Module):
 class Mistral3MultiModalProjector(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         v, t = cfg.vision, cfg.text
-        self.norm = RMSNorm(v.hidden_size, t.rms_norm_eps, dtype)  # text eps, as transformers (spec 3.2)
+        self.norm = RMSNorm(v.hidden_size, t.rms_norm_eps, dtype)  # text eps, as transformers (docs/model.md 3.2)
         self.patch_merger = Mistral3PatchMerger(cfg, dtype, rngs)
         self.linear_1 = linear(v.hidden_size, t.hidden_size, dtype, rngs, bias=cfg.multimodal_projector_bias)
         self.linear_2 = linear(t.hidden_size, t.hidden_size, dtype, rngs, bias=cfg.multimodal_projector_bias)

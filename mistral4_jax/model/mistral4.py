@@ -113,7 +113,7 @@ class Mistral4MoE(nnx.Module):
 
 
 class Mistral4Attention(nnx.Module):
-    """Multi-head latent attention (spec 3.3), expanded form for the full-sequence forward.
+    """Multi-head latent attention (docs/model.md 3.3), expanded form for the full-sequence forward.
 
     The work is split so that a latent cache fits: `latent` gives what a cache stores per token
     (normalised c_kv [B, T, kv_lora_rank] and the rotated shared rope key [B, T, rope_dim]); `query`

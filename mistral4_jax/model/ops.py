@@ -1,7 +1,7 @@
 """Pure functions for the model's math. Modules hold parameters and call these.
 
 Shape suffixes: b batch, t/s query/key time, h heads, d head dim, r rope dim, e experts.
-Each formula cites the spec section (`../shared/spec/mistral-small-4.md`) it implements.
+Each formula cites the section of `docs/model.md` it implements.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, *then* times the weight (spec 3.2)."""
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, *then* times the weight (docs/model.md 3.2)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * y.astype(x.dtype)
@@ -49,7 +49,7 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
-# ---------------------------------------------------------------------- text RoPE (spec 3.3.2)
+# ---------------------------------------------------------------------- text RoPE (docs/model.md 3.3.2)
 def yarn_inv_freq(dim: int, base: float, factor: float, original_max: int, beta_fast: float,
                   beta_slow: float, truncate: bool = True) -> np.ndarray:
     """YaRN inverse frequencies omega_i, i = 0..dim/2-1, as float32 (computed in float64 first).
@@ -87,7 +87,7 @@ def apply_rope_interleaved(x_bthr: jax.Array, cos_btr: jax.Array, sin_btr: jax.A
     """Rotate pairs (x[2i], x[2i+1]) by angle i; write evens' then odds' (the reference's layout).
 
     The output layout is de-interleaved, as transformers writes it; q and k get the same layout so
-    their dot products are unchanged (spec 3.3.2).
+    their dot products are unchanged (docs/model.md 3.3.2).
     """
     x1, x2 = x_bthr[..., 0::2], x_bthr[..., 1::2]
     c, s = cos_btr[:, :, None, :], sin_btr[:, :, None, :]
@@ -103,7 +103,7 @@ def apply_rope_half(x_bthr: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -
 
 
 def llama4_query_scale(positions_bt: jax.Array, beta: float, original_max: int) -> jax.Array:
-    """1 + beta * ln(1 + floor(pos / original_max)), [B, T] float32 (spec 3.3.4)."""
+    """1 + beta * ln(1 + floor(pos / original_max)), [B, T] float32 (docs/model.md 3.3.4)."""
     pos = positions_bt.astype(jnp.float32)
     return 1.0 + beta * jnp.log1p(jnp.floor(pos / original_max))
 
@@ -129,7 +129,7 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts:
 def mla_absorbed_attention(q_nope_bthn: jax.Array, q_pe_bthr: jax.Array, w_uk_chn: jax.Array,
                            w_uv_chv: jax.Array, c_kv_bsc: jax.Array, k_pe_bsr: jax.Array,
                            mask_bts: jax.Array, scale: float) -> jax.Array:
-    """MLA attention against the latent cache, keys and values never expanded (spec 3.3.6).
+    """MLA attention against the latent cache, keys and values never expanded (docs/model.md 3.3.6).
 
     With W_UK [C, H, N] and W_UV [C, H, V] the per-head blocks of kv_b_proj (C = kv_lora_rank):
       score[b,h,t,s] = ((W_UK^T q_nope)[b,t,h] . c[b,s] + q_pe[b,t,h] . k_pe[b,s]) * scale
@@ -156,7 +156,7 @@ def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array,
     return m
 
 
-# ---------------------------------------------------------------------- vision RoPE (spec 3.6 step 4)
+# ---------------------------------------------------------------------- vision RoPE (docs/model.md 3.6 step 4)
 def pixtral_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """[head_dim/2] frequencies: the even base frequencies (rows) then the odd ones (columns)."""
     base = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))

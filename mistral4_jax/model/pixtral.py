@@ -1,4 +1,4 @@
-"""The Pixtral vision encoder (transformers `models/pixtral/modeling_pixtral.py`, spec 3.6).
+"""The Pixtral vision encoder (transformers `models/pixtral/modeling_pixtral.py`, docs/model.md 3.6).
 
 All images of a call are patch-embedded, cropped to their own size, and concatenated into one
 sequence; attention is block-diagonal so that patches attend only within their own image. Which
@@ -21,7 +21,7 @@ from ..errors import InputError
 from .layers import Mistral4MLP, RMSNorm, init_normal, linear, param_meta, stack_layers
 from .mistral4 import scan_layers
 
-_EPS = 1e-5  # Pixtral's norms hard-code 1e-5 (spec 3.2)
+_EPS = 1e-5  # Pixtral's norms hard-code 1e-5 (docs/model.md 3.2)
 
 
 @dataclass(frozen=True)

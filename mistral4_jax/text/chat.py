@@ -1,4 +1,4 @@
-"""The v15 chat format as mistral-common 1.13 writes it (`InstructTokenizerV15`, spec section 4).
+"""The v15 chat format as mistral-common 1.13 writes it (`InstructTokenizerV15`, docs/model.md 4).
 
     <s>[SYSTEM_PROMPT]sys[/SYSTEM_PROMPT][AVAILABLE_TOOLS][...][/AVAILABLE_TOOLS]
     [MODEL_SETTINGS]{"reasoning_effort": "none"}[/MODEL_SETTINGS][INST]user 1[/INST]assistant 1</s>

@@ -1,4 +1,4 @@
-"""Image preprocessing for the Pixtral tower (spec 3.6 step 1).
+"""Image preprocessing for the Pixtral tower (docs/model.md 3.6 step 1).
 
 An image becomes a float32 CHW array whose sides are multiples of `patch_size * spatial_merge_size`
 (28 for the released model), plus the `[IMG]` / `[IMG_BREAK]` / `[IMG_END]` token block that stands for
@@ -125,7 +125,7 @@ def normalize(x_hwc: np.ndarray) -> np.ndarray:
 
 
 def preprocess(image: Any, cfg: ImageConfig, what: str = "image") -> np.ndarray:
-    """One image -> float32 [3, 28*H_t, 28*W_t]: bicubic resize, /255, CLIP mean/std (spec 3.6)."""
+    """One image -> float32 [3, 28*H_t, 28*W_t]: bicubic resize, /255, CLIP mean/std (docs/model.md 3.6)."""
     img = load_image(image, what, cfg.processor)
     cols, rows = token_grid(img.width, img.height, cfg)
     size = (cols * cfg.token_size, rows * cfg.token_size)
@@ -140,7 +140,7 @@ def preprocess(image: Any, cfg: ImageConfig, what: str = "image") -> np.ndarray:
 
 def image_token_ids(cols: int, rows: int, img: int, img_break: int, img_end: int) -> list[int]:
     """The prompt block of one image: `rows` rows of `cols` x `[IMG]`, each closed by `[IMG_BREAK]`,
-    the last by `[IMG_END]` (spec 3.7 step 4)."""
+    the last by `[IMG_END]` (docs/model.md 3.7 step 4)."""
     ids = ([img] * cols + [img_break]) * rows
     ids[-1] = img_end
     return ids

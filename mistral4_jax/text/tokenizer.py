@@ -1,4 +1,4 @@
-"""The Tekken v15 tokenizer on the `tokenizers` library (spec section 4).
+"""The Tekken v15 tokenizer on the `tokenizers` library (docs/model.md 4).
 
 Two on-disk layouts are read:
 
@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
 from .images import ImageConfig
 
-# Special tokens by id (spec 4). Ids 20..31 are not needed by this package and are not listed.
+# Special tokens by id (docs/model.md 4). Ids 20..31 are not needed by this package and are not listed.
 SPECIAL_TOKENS = {
     0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[AVAILABLE_TOOLS]", 6: "[/AVAILABLE_TOOLS]",
     7: "[TOOL_RESULTS]", 8: "[/TOOL_RESULTS]", 9: "[TOOL_CALLS]", 10: "[IMG]", 11: "<pad>", 12: "[IMG_BREAK]",
@@ -177,7 +177,7 @@ class Tokenizer:
             setattr(self, attr, i)
         if missing:
             raise CheckpointError(f"{source}: the tokenizer lacks the special tokens {missing} (a Tekken v15 "
-                                  f"tokenizer has them at the ids of spec section 4)")
+                                  f"tokenizer has them at the ids of docs/model.md 4)")
         self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
 
     # ------------------------------------------------------------------ loading

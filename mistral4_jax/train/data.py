@@ -42,7 +42,7 @@ from ..jsonl import read_jsonl
 from ..text.chat import training_prompt
 from ..text.images import batch_images
 
-PAD = 11  # the v15 <pad> id (spec 4); padded positions are masked out of the loss
+PAD = 11  # the v15 <pad> id (docs/model.md 4); padded positions are masked out of the loss
 
 
 class Encoder(Protocol):
