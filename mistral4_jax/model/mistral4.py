@@ -187,7 +187,7 @@ class Mistral4Attention(nnx.Module):
         rope]), rows rows_b of it (default: row b); a query at position p attends to slots <= p. valid_bt:
         the queries whose output is used (default all): only their positions decide how many blocks are read.
 
-        Decode and short chunks use the absorbed form (spec 3.3.6): W_UK folded into the query, W_UV after
+        Decode and short chunks use the absorbed form (docs/model.md 3.3.6): W_UK folded into the query, W_UV after
         attention, the cache read once for all heads. Chunks longer than `attention.expanded_pays_from`
         expand each key block to per-head keys and values instead (fewer multiply-adds there). Both read
         only the key blocks up to the largest position, straight from the stacked cache."""

@@ -1,4 +1,4 @@
-"""Routing and the routed-expert computation (spec 3.4), as pure functions.
+"""Routing and the routed-expert computation (docs/model.md 3.4), as pure functions.
 
 Expert weights are stacked: `gate_up_ehf` [E, H, 2I] (gate columns first, then up) and `down_efh`
 [E, I, H], i.e. the transposes of the HF tensors so that every matmul is x @ W. They are plain arrays or
@@ -34,7 +34,7 @@ from .ops import activation
 
 EXPERT_IMPLS = ("auto", "routed", "gather", "grouped", "dense")
 # "auto" takes "gather" at or below this many (token, expert) pairs per call: 64 pairs = 16 tokens at top-4,
-# where uniform routing touches ~50 of 128 experts (gpu-notes.md 2.3) and the gather still reads each expert
+# where uniform routing touches ~50 of 128 experts (docs/gpu.md 2.3) and the gather still reads each expert
 # about once. Above it the routed loop reads each used expert exactly once.
 GATHER_MAX_PAIRS = 64
 MAX_TILE = 256  # most rows per tile of the routed loop (its matmuls are [tile, H] @ [H, 2I])
