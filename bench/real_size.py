@@ -166,9 +166,9 @@ class Row:
     must_gflop: float
     note: str = ""
 
-    def fits(self, pool: float) -> str:
-        total = self.params + self.cache + self.temp
-        return "yes" if total <= pool else f"NO ({total / GiB:.1f})"
+    def fits(self, pool_bytes: float) -> str:
+        total = (self.params + self.cache + self.temp) * GiB
+        return "yes" if total <= pool_bytes else f"NO ({total / GiB:.1f})"
 
 
 def compile_both(build, dtype):

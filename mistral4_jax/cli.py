@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .memory import set_cli_allocator
+
 DTYPES = ("bfloat16", "float32", "float16")
 # checkpoints.convert.DTYPES, written out here so that building the parser imports no jax (a test keeps them equal)
 CONVERT_DTYPES = ("bfloat16", "float32", "float8")
@@ -430,8 +432,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps, at most 100")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping (0: off)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype (the optimizer state is float32 either way)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="parameter dtype (default: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for "
+                        "float32 ones; the optimizer state is float32 either way)")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
     p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")
     p.add_argument("--seed", type=int, default=0)
@@ -513,6 +516,8 @@ def _preimport(command: str) -> None:
 
     if command == "convert":  # conversion is host work; jax reads JAX_PLATFORMS when it is imported
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:  # the pool the released model needs on one H200; JAX reads it when its backend starts
+        set_cli_allocator()
     masks = hasattr(signal, "pthread_sigmask")  # not on Windows
     before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD) if masks else None
     try:

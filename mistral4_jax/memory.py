@@ -6,13 +6,14 @@ the released model on one card needs the variable raised before JAX starts: the 
 sets it (`CLI_MEM_FRACTION`, unless the environment already does); a library user sets it in the
 environment, and `from_pretrained` checks the pool before reading anything (`check_params_fit`), with a
 message that says what to set. On the CPU no pool is reported and nothing is checked.
+
+The command line imports this module before JAX starts, so it imports JAX only where it asks the device.
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
 from .errors import InputError
@@ -34,6 +35,8 @@ def set_cli_allocator() -> None:
 def device_memory() -> tuple[int, int] | None:
     """(pool size, bytes in use) of this process's first device, or None where the backend reports no
     pool (the CPU)."""
+    import jax
+
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return None

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import fp8
 from . import native, orbax, read
 from .plan import plan_checkpoint
+from .names import is_weight
 from .safetensors_io import hf_weight_files, index_files
 
 
@@ -40,6 +43,21 @@ def open_safetensors(path: str | os.PathLike, dtype, **config_overrides):
     cfg = read.with_overrides(cfg, config_overrides)
     model = read.abstract_model(cfg, dtype)
     return cfg, model, plan_checkpoint(cfg, index, read.param_shapes(model), native=is_native)
+
+
+def stored_float_dtype(path: str | os.PathLike) -> str:
+    """"float32" when most of a checkpoint's weight bytes are stored in float32, else "bfloat16" (16-bit and FP8
+    checkpoints): the parameter dtype fine-tuning picks when none is given (FP8 scales do not count)."""
+    if orbax.is_orbax_dir(path):
+        arrays = orbax.read_marker(path)["arrays"].values()
+        sizes = [(a["dtype"], int(np.prod(a["shape"], dtype=np.int64))) for a in arrays]
+    else:
+        is_native = native.is_native_dir(path)
+        index = index_files(native.native_files(path) if is_native else hf_weight_files(path))
+        sizes = [(f.dtype_name(k), int(np.prod(f.shape(k), dtype=np.int64))) for k, f in index.items()
+                 if is_weight(k)]
+    wide = sum(n for d, n in sizes if d in ("float32", "F32"))
+    return "float32" if wide * 2 > sum(n for _, n in sizes) else "bfloat16"
 
 
 def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides):

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from ..errors import InputError
-from ..memory import PLAN_MARGIN, device_memory, gib
+from .. import memory
+from ..memory import PLAN_MARGIN, gib
 from ..model.cache import Cache, cache_bytes_per_token, init_cache
 from ..sharding import ACT_BV, CACHE_LBSC, batch_divisor, constrain, for_host, logical_sharding, to_global
 from .batching import batch_bucket, pow2
@@ -261,7 +262,7 @@ def default_batch_size(model, n_prompts: int, cache_len: int, data: int = 1, tem
     """
     cap = CPU_BATCH_CAP if jax.local_devices()[0].platform == "cpu" else DEVICE_BATCH_CAP
     b = max(data, batch_bucket(min(pow2(n_prompts), cap), data))
-    mem = device_memory()
+    mem = memory.device_memory()
     if mem is None:
         return b
     free = (mem[0] - mem[1]) * (1 - PLAN_MARGIN)

@@ -48,7 +48,9 @@ class TrainConfig:
     max_len: int = 512
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     loss_chunk: int = DEFAULT_CHUNK  # positions per lm_head chunk in the loss: [batch, loss_chunk, vocab] fp32
-    param_dtype: str = "float32"  # "bfloat16": bf16 parameters, fp32 optimizer state
+    # None: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for float32 ones (`finetune` decides,
+    # `checkpoints.load.stored_float_dtype`); the optimizer state is float32 either way
+    param_dtype: str | None = None
     router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
     lora: LoRAConfig | None = None
     seed: int = 0

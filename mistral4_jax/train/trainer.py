@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ..errors import InputError
-from ..checkpoints.load import from_pretrained, load_config
+from ..checkpoints.load import from_pretrained, load_config, stored_float_dtype
 from ..checkpoints.save import save_pretrained
 from ..sharding import as_auto_mesh, mesh_context
 from ..text.tokenizer import ASSET_FILES, Tokenizer
@@ -223,7 +223,7 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
     """
     cfg_model = load_config(model_dir)
     examples = data_lib.load_examples(data_path, load_tokenizer(model_dir), cfg.max_len, cfg_model.text.vocab_size)
-    model = from_pretrained(model_dir, dtype=cfg.param_dtype, mesh=mesh)
+    model = from_pretrained(model_dir, dtype=cfg.param_dtype or stored_float_dtype(model_dir), mesh=mesh)
     trainer = Trainer(model, examples, cfg, out, mesh=mesh, save_every=save_every)
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["trainable"]))
     log(f"{len(examples)} examples, sequence length {trainer.seq_len}, batch {cfg.batch_size}; "
