@@ -188,9 +188,9 @@ def decode_program(cfg, weights, mesh, batch: int, dtype=jnp.bfloat16):
         graphdef, state = abstract(cfg, dt, weights, mesh)
         leaves, treedef = jax.tree.flatten(state)
         prog = engine.programs_for(graphdef, treedef)
-        cache, slots, sampling, stops, _, per_row = engine.abstract_args(cfg, dt, batch, ROW, 1, 1, mesh)
+        cache, slots, params, _, per_row = engine.abstract_args(cfg, dt, batch, ROW, 1, engine.STOP_WIDTH, mesh)
         flag = S((batch,), bool, sharding=per_row.sharding)
-        args = (leaves, cache, slots, sampling, stops, flag, jnp.int32(1), jnp.int32(0))
+        args = (leaves, cache, slots, params, flag, jnp.int32(1), jnp.int32(0))
         call = lambda *a: prog.decode_steps(*a, k=engine.STEPS_PER_CALL, mesh=mesh)  # noqa: E731
         with shard_lib.mesh_context(mesh):
             return (prog.decode_steps.lower(*args, k=engine.STEPS_PER_CALL, mesh=mesh),
@@ -205,9 +205,10 @@ def insert_program(cfg, weights, mesh, dtype=jnp.bfloat16, chunk=512, row=16384)
         leaves, treedef = jax.tree.flatten(state)
         prog = engine.programs_for(graphdef, treedef)
         rows = shard_lib.batch_divisor(mesh)
-        cache, slots, sampling, stops, ids, per_row = engine.abstract_args(cfg, dt, rows, row, chunk, 1, mesh)
+        cache, slots, params, ids, per_row = engine.abstract_args(cfg, dt, rows, row, chunk, engine.STOP_WIDTH, mesh)
         flag = S((rows,), bool, sharding=per_row.sharding)
-        args = (leaves, cache, slots, ids, per_row, per_row, per_row, flag, per_row, per_row, sampling, stops)
+        args = (leaves, cache, slots, params, ids, None, per_row, per_row, per_row, flag, per_row, per_row,
+                slots.hist)
         call = lambda *a: prog.insert(*a, mesh=mesh)  # noqa: E731
         with shard_lib.mesh_context(mesh):
             return prog.insert.lower(*args, mesh=mesh), dict(args=args, params=state, call=call, cache=cache,

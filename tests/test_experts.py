@@ -188,9 +188,9 @@ def test_compiled_decode_step_holds_no_layer_of_experts(batch):
                 for p, v in nnx.to_flat_state(state)]
         leaves, treedef = jax.tree.flatten(nnx.from_flat_state(flat))
         prog = engine.programs_for(graphdef, treedef)
-        cache, slots, sampling, stops, _, per_row = engine.abstract_args(cfg, jnp.float32, batch, 256, 1, 1, None)
+        cache, slots, params, _, _ = engine.abstract_args(cfg, jnp.float32, batch, 256, 1, 16, None)
         flag = jax.ShapeDtypeStruct((batch,), bool)
-        return cfg, prog.decode_steps.lower(leaves, cache, slots, sampling, stops, flag, jnp.int32(1), jnp.int32(0),
+        return cfg, prog.decode_steps.lower(leaves, cache, slots, params, flag, jnp.int32(1), jnp.int32(0),
                                             k=engine.STEPS_PER_CALL, mesh=None).compile()
 
     cfg, routed = compiled(64, "auto")

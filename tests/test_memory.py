@@ -61,7 +61,7 @@ def test_default_batch_size_fits_cache_and_compiled_temporaries(tiny, monkeypatc
     cache_len, chunk = 64, 16
 
     def temp(rows):
-        return engine.program_temp_bytes(prog, leaves, model.config, model.dtype, rows, cache_len, chunk, 1, None)
+        return engine.program_temp_bytes(prog, leaves, model.config, model.dtype, rows, cache_len, chunk, 16, None)
 
     row = cache_bytes_per_token(model.config.text, model.dtype) * cache_len
     need = {b: row * b + temp(b) for b in (4, 8)}
@@ -85,7 +85,8 @@ def test_prefill_chunk_does_not_copy_cache_rows():
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     prog = engine.programs_for(graphdef, treedef)
-    temps = {s: engine.program_temp_bytes(prog, leaves, cfg, jnp.float32, 4, s, 64, 1, None) for s in (1024, 32768)}
+    temps = {s: engine.program_temp_bytes(prog, leaves, cfg, jnp.float32, 4, s, 64, 16, None, 4096)
+             for s in (1024, 32768)}
     row_bytes = cache_bytes_per_token(cfg.text, jnp.float32) * 32768 * 4
     assert temps[32768] - temps[1024] < 0.05 * row_bytes, temps
 

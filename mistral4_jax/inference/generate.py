@@ -1,29 +1,29 @@
-"""generate(): validate a batch of requests on the host, then run them through the engine.
+"""generate(): validate a batch of requests on the host, then run them through an `Engine`.
 
-Nothing is compiled for a bad request. The requests go through `engine.run`: `batch_size` slots
-decode at once and a finished request's slot is refilled from the waiting ones (continuous
-batching); outputs come back in input order. Sampling parameters and stop ids are traced values:
-changing them does not recompile; prompt chunks, cache length and slot counts are bucketed.
+Nothing is compiled for a bad request. The requests are submitted to an `engine.Engine` sized for them:
+`batch_size` slots decode at once and a finished request's slot is refilled from the waiting ones
+(continuous batching), within a page pool of `cache_tokens`; outputs come back in input order. Sampling
+parameters and stop ids are traced values: changing them does not recompile; prompt chunks, cache length,
+pool size and slot counts are bucketed.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ..errors import InputError
 from ..inputs import check_image_tokens, check_int, validate_ids, validate_prompts
-from ..model.pixtral import PatchLayout
-from ..sharding import batch_divisor, mesh_context, model_mesh, to_global
+from ..sharding import batch_divisor, model_mesh
 from . import engine
-from .batching import bucketed_images, pow2
-from .engine import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS, cut_at_stop_strings
+from .batching import pow2
+from .engine import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS, STOP_WIDTH, cut_at_stop_strings
 
 __all__ = ["generate", "generated_text", "cut_at_stop_strings"]
+
+_image_features = engine.image_features  # the vision program (one per image bucket; tests count its compiles)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
@@ -31,7 +31,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
              stop_tokens: Sequence[int] | None = None, pixel_values=None, image_sizes=None,
              callback: Callable | None = None, prefill_chunk: int = 512, *, batch_size: int | None = None,
              stop_sequences: Sequence[Sequence[int]] | None = None, stop_strings=None,
-             tokenizer=None) -> list[list[int]]:
+             tokenizer=None, cache_tokens: int | None = None) -> list[list[int]]:
     """New token ids for each prompt, in input order (a list per prompt, ending with the token that
     stopped it, if one did).
 
@@ -41,11 +41,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     k), whatever else is in the batch. pixel_values [N, C, H, W] / image_sizes [N, 2] fill the `[IMG]`
     tokens of the prompts in order, as `model(...)` does.
 
-    batch_size: the most sequences decoded at once (the cache has that many rows); the other prompts
-    wait and take the slot of the first request to finish, their prefill inserted chunk by chunk
-    between decode steps. Default (`engine.default_batch_size`): the prompts rounded up to a power of
-    two, capped at 32 on the CPU and 256 on an accelerator, and on an accelerator at the rows whose cache
-    and the compiled programs' temporaries fit in the device's free memory.
+    batch_size: the most sequences decoded at once; the other prompts wait and take the slot of the first
+    request to finish, their prefill inserted chunk by chunk between decode steps. Default
+    (`engine.default_batch_size`): the prompts rounded up to a power of two, capped at 32 on the CPU and
+    256 on an accelerator, and on an accelerator at the rows whose cache and the compiled programs'
+    temporaries fit in the device's free memory. cache_tokens: the capacity in tokens of the page pool the
+    running requests share (default: batch_size times the longest request, rounded up); a request needs
+    pages for its prompt and new tokens, identical prompt prefixes share theirs, and when the pool runs out
+    a request waits (or, decoding, is recomputed later). A request longer than cache_tokens is an InputError.
 
     Stops (a request ends at the first that applies; its output keeps what ended it):
     - stop_tokens: ids (default: the config's eos ids; [] for none), at most 8;
@@ -93,42 +96,61 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
         if len(p) + m > t.max_position_embeddings:
             raise InputError(f"prompts[{i}] ({len(p)} tokens) plus max_new_tokens ({m}) exceeds the context "
                              f"limit max_position_embeddings = {t.max_position_embeddings}")
-    images = None
-    if pixel_values is not None:
-        images = bucketed_images(model, pixel_values, image_sizes)
-        check_image_tokens(np.concatenate([np.asarray(p) for p in prompts]), cfg.image_token_id,
-                           sum(images[1].tokens_per_image))
+    if cache_tokens is not None:
+        check_int("cache_tokens", cache_tokens, 1)
+    images = _images_per_prompt(model, prompts, pixel_values, image_sizes)
 
-    mesh = model_mesh(model)
-    data = batch_divisor(mesh)
+    data = batch_divisor(model_mesh(model))
     lens = [len(p) for p in prompts]
     chunk = min(prefill_chunk, pow2(max(lens), 8))
     cache_len = engine.cache_length(lens, limits, chunk)
-    stops = engine.stop_arrays(stop, seqs)
+    rows = None if batch_size is None else -(-min(batch_size, pow2(len(prompts))) // data) * data
+    eng = engine.Engine(model, batch_size=rows, cache_tokens=cache_tokens, max_len=cache_len, prefill_chunk=chunk,
+                        stop_width=max(STOP_WIDTH, pow2(max((len(q) for q in seqs), default=1))),
+                        watch=callback is not None or any(text_stops or []), expected_requests=len(prompts))
+    base = jax.random.PRNGKey(seed)
+    requests = [eng.submit(p, max_new_tokens=m, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop,
+                           stop_sequences=seqs, images=images[i],
+                           key=np.asarray(jax.random.key_data(jax.random.fold_in(base, i))))
+                for i, (p, m) in enumerate(zip(prompts, limits))]
+    for r, ts in zip(requests, text_stops or [None] * len(prompts)):
+        r.text_stop = ts
+    index = {r.id: i for i, r in enumerate(requests)}
+    step = 0
+    while eng.busy:
+        eng.step()
+        for events in eng.events:
+            if callback is not None:
+                toks = [None] * len(prompts)
+                for req, tok in events:
+                    toks[index[req.id]] = tok
+                callback(step, toks)
+            step += 1
+    return [r.tokens for r in requests]
 
-    with mesh_context(mesh):  # the expert dispatch splits the experts over this mesh's `expert` axis
-        graphdef, state = nnx.split(model)
-        if batch_size is None:  # as many slots as the device holds with the programs' temporaries
-            leaves, treedef = jax.tree.flatten(state)
-            temp = partial(engine.program_temp_bytes, engine.programs_for(graphdef, treedef), leaves, cfg, model.dtype,
-                           cache_len=cache_len, chunk=chunk, seq_width=stops.seqs.shape[1], mesh=mesh)
-            rows = engine.default_batch_size(model, len(prompts), cache_len, data, temp)
-        else:
-            rows = -(-min(batch_size, pow2(len(prompts))) // data) * data
-        embeds = None
-        if images is not None:  # embed every prompt ahead: the image features fill [IMG] tokens in order
-            px, layout = images
-            arrays = (layout.patch_index, layout.rows, layout.cols, layout.segment, layout.merge_index)
-            features = _image_features(graphdef, state, to_global(px, mesh), tuple(to_global(a, mesh) for a in arrays))
-            ids = np.zeros((len(prompts), -(-max(lens) // chunk) * chunk), np.int32)
-            for i, p in enumerate(prompts):
-                ids[i, :len(p)] = p
-            embeds = _embed(graphdef, state, to_global(ids, mesh), features)
-        sampling = engine.Sampling(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), np.float32(temperature),
-                                   np.int32(top_k), np.float32(top_p))
-        return engine.run(model, graphdef, state, prompts, limits, rows=rows, chunk=chunk, cache_len=cache_len,
-                          sampling=sampling, stops=stops, mesh=mesh, embeds=embeds,
-                          text_stops=text_stops, callback=callback)
+
+def _images_per_prompt(model, prompts, pixel_values, image_sizes) -> list:
+    """(pixel_values, image_sizes) of each prompt's images, or None: images fill the [IMG] tokens in order, batch
+    row by batch row, as `model(...)` consumes them."""
+    if pixel_values is None:
+        return [None] * len(prompts)
+    layout = model.layout_for(pixel_values, image_sizes)  # validates the shapes and sizes
+    check_image_tokens(np.concatenate([np.asarray(p) for p in prompts]), model.config.image_token_id,
+                       sum(layout.tokens_per_image))
+    px = np.asarray(pixel_values)
+    sizes = np.asarray(image_sizes) if image_sizes is not None else np.asarray([px.shape[2:]] * len(px))
+    out, j = [], 0
+    for i, p in enumerate(prompts):
+        want, k = int(np.sum(np.asarray(p) == model.config.image_token_id)), j
+        while want > 0 and k < len(layout.tokens_per_image):
+            want -= layout.tokens_per_image[k]
+            k += 1
+        if want != 0:
+            raise InputError(f"prompts[{i}]: its [IMG] tokens do not match whole images of pixel_values (images are "
+                             "consumed in order, prompt by prompt)")
+        out.append(None if k == j else (px[j:k], sizes[j:k]))
+        j = k
+    return out
 
 
 def generated_text(tokenizer, ids: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
@@ -167,15 +189,3 @@ def _text_stops(stop_strings, tokenizer, n: int):
     if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
         raise InputError("stop_strings need tokenizer= (an object with decode(ids, skip_special_tokens=...))")
     return [engine.TextStop(tokenizer, ss) if any(ss) else None for ss in lists]
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def _image_features(graphdef, state, pixel_values, layout_arrays):
-    layout = PatchLayout(*layout_arrays, tokens_per_image=())
-    return nnx.merge(graphdef, state).image_features(pixel_values, layout)
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def _embed(graphdef, state, ids_bt, features):
-    return nnx.merge(graphdef, state).embed(ids_bt, features)
-

@@ -28,8 +28,16 @@ def sample_logits(logits_v: jax.Array, key: jax.Array, temperature, top_k, top_p
     return jax.lax.cond(temperature > 0, sampled, greedy, None)
 
 
-def sample_rows(logits_bv, key, ids_b, steps_b, temperature, top_k, top_p):
-    """A token per row; row b draws with key fold_in(fold_in(key, ids_b[b]), steps_b[b]): a request's
-    id and its own step, so its samples do not depend on the row or the batch it is in."""
-    keys = jax.vmap(lambda i, s: jax.random.fold_in(jax.random.fold_in(key, i), s))(ids_b, steps_b)
-    return jax.vmap(sample_logits, in_axes=(0, 0, None, None, None))(logits_bv, keys, temperature, top_k, top_p)
+def sample_rows(logits_bv, keys_b2, steps_b, temperature_b, top_k_b, top_p_b):
+    """A token per row, each with its own settings; row b draws with key fold_in(keys_b2[b], steps_b[b]): its
+    request's key and its own step, so its samples do not depend on the row or the batch it is in. A batch
+    with no sampled row takes only the argmax (no sort of the vocabulary)."""
+
+    def sampled(_):
+        keys = jax.vmap(jax.random.fold_in)(keys_b2, steps_b)
+        return jax.vmap(sample_logits)(logits_bv, keys, temperature_b, top_k_b, top_p_b)
+
+    def greedy(_):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, greedy, None)

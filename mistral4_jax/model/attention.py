@@ -265,14 +265,22 @@ def expanded_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, s
 
 
 # ---------------------------------------------------------------------- against the latent cache
-def read_cache_block(x, start, size: int, layer=None, rows_b=None, dtype=None) -> jax.Array:
+def read_cache_block(x, start, size: int, layer=None, rows_b=None, dtype=None, table=None) -> jax.Array:
     """Slots start .. start + size of the cache rows, [B, size, dim], read in place.
 
-    x: one layer's [B, S, dim], or the stacked [L, B, S, dim] with `layer` the index to read. rows_b: the
-    cache row of each query row (default: row b is cache row b); indices past the cache read its last row
-    (padding rows, whose results nobody uses). Only this block is read: never a whole row or layer."""
+    x: one layer's [B, S, dim], or the stacked [L, B, S, dim] with `layer` the index to read; with a block
+    `table` [B, M], x is a page pool [L, N, PS, dim] and a row's slots are in the pages its table row names
+    (start and size are then multiples of PS). rows_b: the cache row of each query row (default: row b is
+    cache row b); indices past the cache read its last row (padding rows, whose results nobody uses). Only
+    this block is read: never a whole row, page pool or layer."""
     lead = () if layer is None else (layer,)
-    if rows_b is None:
+    if table is not None:
+        ps, b = x.shape[-2], table.shape[0]
+        rows = jnp.arange(b) if rows_b is None else jnp.minimum(rows_b, b - 1)
+        pages = jax.lax.dynamic_slice_in_dim(table[rows], start // ps, size // ps, axis=1)  # [B, size / PS]
+        blk = x[(*lead, pages)]
+        blk = blk.reshape(blk.shape[0], size, x.shape[-1])
+    elif rows_b is None:
         b = x.shape[-3]
         blk = jax.lax.dynamic_slice(x, (*lead, 0, start, 0), (*(1,) * len(lead), b, size, x.shape[-1]))
         blk = blk.reshape(b, size, x.shape[-1])
@@ -282,12 +290,17 @@ def read_cache_block(x, start, size: int, layer=None, rows_b=None, dtype=None) -
     return blk if dtype is None else blk.astype(dtype)
 
 
-def _key_blocks(q_pos_bt, s: int, block_k: int, q_valid_bt=None):
+def cache_slots(x, table=None) -> int:
+    """Slots per row of a cache array (a page pool: its table's pages times the page size)."""
+    return x.shape[-2] if table is None else table.shape[1] * x.shape[-2]
+
+
+def _key_blocks(q_pos_bt, s: int, block_k: int, q_valid_bt=None, page: int = 1):
     """(block size, number of blocks to visit) for a query batch against S cache slots: the blocks up to the
     largest position of a used query (q_valid_bt; default all: an idle row parked at the last slot must
     not make every row read the whole buffer). The last block may overhang the buffer: it is read ending at
     S, and `_block_slots` masks the slots a previous block already covered."""
-    bk = min(s, block_k)
+    bk = min(s, max(page, block_k // page * page))  # whole pages
     pos = q_pos_bt if q_valid_bt is None else jnp.where(q_valid_bt, q_pos_bt, 0)
     return bk, jnp.minimum(jnp.max(pos) // bk + 1, -(-s // bk))
 
@@ -300,7 +313,7 @@ def _block_slots(j, bk: int, s: int):
 
 
 def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
-                     layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None) -> jax.Array:
+                     layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None, table=None) -> jax.Array:
     """`ops.mla_absorbed_attention` against the latent cache, one key block at a time -> [B, T, H, V].
 
     Cache slot s holds the token at position s, and a query at position p attends to slots <= p (the
@@ -309,21 +322,21 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
     whole buffer. Per block (docs/model.md 3.3.6), with q_lat = W_UK^T q_nope [B, T, H, C]:
       s = (q_lat . c[s] + q_pe . k_pe[s]) * scale,   o_lat = online-softmax(s) @ c,
     and out = W_UV o_lat. c_kv [B, S, C] and k_pe [B, S, R], or [L, B, S, .] with `layer` the index
-    to read; rows_b: the cache rows the queries belong to (`read_cache_block`); q_valid_bt: the queries
-    whose output is used (`_key_blocks`). Blocks are sliced straight out of the stacked cache, which is
-    never copied.
+    to read; with a block `table`, c_kv and k_pe are page pools (`read_cache_block`); rows_b: the cache rows
+    the queries belong to; q_valid_bt: the queries whose output is used (`_key_blocks`). Blocks are sliced
+    straight out of the stacked cache, which is never copied.
     block_k: default BLOCK_K, or DECODE_BLOCK_K for a single query. Inference only (no VJP through
     the run-time trip count).
     """
     b, t, h, _ = q_nope_bthn.shape
-    s = c_kv.shape[-2]
-    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K), q_valid_bt)
+    s, page = cache_slots(c_kv, table), 1 if table is None else c_kv.shape[-2]
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or (DECODE_BLOCK_K if t == 1 else BLOCK_K), q_valid_bt, page)
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope_bthn, w_uk_chn)
     q_pos = q_pos_bt.astype(jnp.int32)
 
     def body(j, carry):
         start, slots, fresh = _block_slots(j, bk, s)
-        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, q_nope_bthn.dtype) for x in (c_kv, k_pe))
+        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, q_nope_bthn.dtype, table) for x in (c_kv, k_pe))
         m = ((slots[None, None, :] <= q_pos[:, :, None]) & fresh[None, None, :])[:, None]
         sc = (jnp.einsum("bthc,bsc->bhts", q_lat, c_j, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_pe_bthr, kpe_j, preferred_element_type=jnp.float32))
@@ -340,7 +353,8 @@ def latent_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_p
 
 
 def expanded_cache_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k_pe, q_pos_bt, scale: float,
-                             layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None) -> jax.Array:
+                             layer=None, block_k: int | None = None, rows_b=None, q_valid_bt=None,
+                             table=None) -> jax.Array:
     """The same attention as `latent_attention`, in the expanded form: each key block's latents are expanded
     to per-head keys k_nope = c W_UK [B, bk, H, N] and values v = c W_UV [B, bk, H, V], then
       s = (q_nope . k_nope + q_pe . k_pe) * scale,   out = online-softmax(s) @ v.
@@ -348,14 +362,14 @@ def expanded_cache_attention(q_nope_bthn, q_pe_bthr, w_uk_chn, w_uv_chv, c_kv, k
     H C (N + V) per key and block to expand: cheaper once a chunk has more than `expanded_pays_from` queries
     (the serving engines prefill this way and decode absorbed). Reads the cache as `latent_attention` does."""
     b, t, h, _ = q_nope_bthn.shape
-    s = c_kv.shape[-2]
-    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or BLOCK_K, q_valid_bt)
+    s, page = cache_slots(c_kv, table), 1 if table is None else c_kv.shape[-2]
+    bk, n_blocks = _key_blocks(q_pos_bt, s, block_k or BLOCK_K, q_valid_bt, page)
     q_pos = q_pos_bt.astype(jnp.int32)
     dt = q_nope_bthn.dtype
 
     def body(j, carry):
         start, slots, fresh = _block_slots(j, bk, s)
-        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, dt) for x in (c_kv, k_pe))
+        c_j, kpe_j = (read_cache_block(x, start, bk, layer, rows_b, dt, table) for x in (c_kv, k_pe))
         k_nope = jnp.einsum("bsc,chn->bshn", c_j, w_uk_chn)
         v = jnp.einsum("bsc,chv->bshv", c_j, w_uv_chv)
         m = ((slots[None, None, :] <= q_pos[:, :, None]) & fresh[None, None, :])[:, None]

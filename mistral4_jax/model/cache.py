@@ -27,10 +27,27 @@ from ..sharding import CACHE_LBSC, logical_sharding
 
 
 class Cache(NamedTuple):
-    """The latent cache of all decoder layers (dense layers first, then MoE layers, as they run)."""
+    """The latent cache of all decoder layers (dense layers first, then MoE layers, as they run): one
+    contiguous row of S slots per batch row."""
 
     c_kv: jax.Array  # [L, B, S, kv_lora_rank], after kv_a_layernorm
     k_pe: jax.Array  # [L, B, S, qk_rope_head_dim], RoPE applied
+
+    @property
+    def table(self) -> None:
+        return None
+
+
+class PagedCache(NamedTuple):
+    """The latent cache as a pool of pages shared by all rows (PagedAttention, Kwon et al. 2023): page n holds
+    PS consecutive slots of whichever row's block table names it. Slot s of row b lives in page
+    table[b, s // PS] at offset s % PS; rows hold pages only for the slots they use, and rows with the same
+    prompt prefix may name the same pages (`inference/pages.py` hands them out)."""
+
+    c_kv: jax.Array  # [L, N, PS, kv_lora_rank]
+    k_pe: jax.Array  # [L, N, PS, qk_rope_head_dim]
+    table: jax.Array  # [B, M] int32 page ids: row b's slots are M * PS at most
+    trash: jax.Array  # [B] int32: the page a row writes to when it holds none (idle rows, padding slots)
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype, mesh=None) -> Cache:
@@ -48,15 +65,23 @@ def cache_bytes_per_token(cfg: TextConfig, dtype) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize * cfg.num_hidden_layers
 
 
-def write_layer(cache: Cache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array, start_b: jax.Array,
-                rows_b: jax.Array | None = None) -> Cache:
+def write_layer(cache: Cache | PagedCache, layer, c_kv_btc: jax.Array, k_pe_btr: jax.Array, start_b: jax.Array,
+                rows_b: jax.Array | None = None) -> Cache | PagedCache:
     """Write T new tokens per row (row b at slots start[b]..) into layer `layer` (a traced index).
 
     rows_b: the cache row of each input row (default: row b is cache row b); a row index past the cache is
-    padding and writes nothing. One scatter into the stacked cache, which XLA does in place: no layer or
-    row of the cache is copied."""
+    padding and writes nothing. One scatter into the stacked cache (or page pool), which XLA does in place:
+    no layer, row or page of the cache is copied."""
     b, t = c_kv_btc.shape[:2]
     rows = (jnp.arange(b) if rows_b is None else rows_b)[:, None]
     slots = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
-    return Cache(*(full.at[layer, rows, slots].set(new.astype(full.dtype), mode="drop")
-                   for full, new in ((cache.c_kv, c_kv_btc), (cache.k_pe, k_pe_btr))))
+    if isinstance(cache, PagedCache):
+        ps = cache.c_kv.shape[2]
+        (n_rows, width), n_pages = cache.table.shape, cache.c_kv.shape[1]
+        page = cache.table[jnp.minimum(rows, n_rows - 1), jnp.minimum(slots // ps, width - 1)]
+        page = jnp.where((rows < n_rows) & (slots // ps < width), page, n_pages)  # padding: written nowhere
+        at = (layer, page, slots % ps)
+    else:
+        at = (layer, rows, slots)
+    return cache._replace(**{name: full.at[at].set(new.astype(full.dtype), mode="drop")
+                             for name, full, new in (("c_kv", cache.c_kv, c_kv_btc), ("k_pe", cache.k_pe, k_pe_btr))})

@@ -196,11 +196,9 @@ class Mistral4Attention(nnx.Module):
                                                 c.qk_nope_head_dim + c.v_head_dim)
         q_nope, q_pe = q_bthd[..., : c.qk_nope_head_dim], q_bthd[..., c.qk_nope_head_dim:]
         w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]
-        if c.attention_impl == "reference":
-            c_kv, k_pe = (jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False).astype(q_bthd.dtype)
-                          for x in cache)
-            if rows_b is not None:
-                c_kv, k_pe = (x[jnp.minimum(rows_b, x.shape[0] - 1)] for x in (c_kv, k_pe))
+        if c.attention_impl == "reference":  # every slot of the rows, materialised
+            c_kv, k_pe = (attention.read_cache_block(x, 0, attention.cache_slots(x, cache.table), index, rows_b,
+                                                     q_bthd.dtype, cache.table) for x in (cache.c_kv, cache.k_pe))
             slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions_bt.dtype), c_kv.shape[:2])
             mask = ops.causal_mask(positions_bt, slots)
             o = ops.mla_absorbed_attention(q_nope, q_pe, w_uk, w_uv, c_kv, k_pe, mask, c.softmax_scale)
@@ -208,7 +206,7 @@ class Mistral4Attention(nnx.Module):
             expanded = q_bthd.shape[1] > attention.expanded_pays_from(c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim)
             attend = attention.expanded_cache_attention if expanded else attention.latent_attention
             o = attend(q_nope, q_pe, w_uk, w_uv, cache.c_kv, cache.k_pe, positions_bt, c.softmax_scale, layer=index,
-                       rows_b=rows_b, q_valid_bt=valid_bt)
+                       rows_b=rows_b, q_valid_bt=valid_bt, table=cache.table)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def __call__(self, x_btd, cos, sin, positions_bt, valid_bt=None, cache: Cache | None = None, index=None,
