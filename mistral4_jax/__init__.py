@@ -12,6 +12,7 @@ _EXPORTS = {
     "from_pretrained": ".checkpoints.load",
     "generate": ".inference.generate",
     "score": ".inference.score", "perplexity": ".inference.score",
+    "Engine": ".inference.engine",
     # ------------------------------------------------------------------ the model
     "Mistral3ForConditionalGeneration": ".model.mistral3",
     # ------------------------------------------------------------------ text and images in, text out

@@ -215,9 +215,11 @@ def drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 def to_global(x, mesh: Mesh | None, logical: tuple[str | None, ...] = ()) -> jax.Array:
     """A host array (the same on every process) as a global jax.Array laid out by logical axes.
 
-    Works with several processes, where jit refuses plain numpy inputs for non-addressable devices.
+    Works with several processes, where jit refuses plain numpy inputs for non-addressable devices. The array is
+    copied first: a transfer may read the host buffer after this returns (on the CPU it may even keep it), and
+    callers reuse their buffers (the engine's block table and flags).
     """
-    x = np.asarray(x)
+    x = np.array(x)
     if mesh is None:
         return jax.device_put(x)
     sharding = logical_sharding(mesh, tuple(logical) + (None,) * (x.ndim - len(logical)), x.shape)

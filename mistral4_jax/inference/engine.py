@@ -441,6 +441,8 @@ class Engine:
         self._dirty = True
         self._kill = np.zeros(self.rows, bool)
         self.events: list[list[tuple[Request, int]]] = []  # tokens of the last step, one list per token step
+        # prompt tokens computed, prompt tokens found in cached prefix pages, requests preempted
+        self.stats = {"prefilled": 0, "reused": 0, "preempted": 0}
 
     # ------------------------------------------------------------------ sizes
     def _default_cache_tokens(self) -> int:
@@ -636,6 +638,7 @@ class Engine:
             req.slot, req.pages = slot, shared + new
             self.slot_req[slot] = req
             self.filling[slot] = len(shared) * self.page
+            self.stats["reused"] += len(shared) * self.page
             self.admitted.append(slot)
             self._kill[slot] = False
             self._set_row(slot, req)
@@ -703,6 +706,7 @@ class Engine:
         self._kill[req.slot] = True
         self._release(req)
         self.waiting.appendleft(req)
+        self.stats["preempted"] += 1
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
@@ -768,6 +772,7 @@ class Engine:
         self._cache, self._slots = cache, slots
         done = []
         for i, s in enumerate(fill):
+            self.stats["prefilled"] += min(c, int(lens_p[i] - starts[i]))
             self.filling[s] += c
             if final[i]:
                 del self.filling[s]

@@ -2,15 +2,26 @@
 
 `score(model, requests)` is the log-likelihood request of evaluation harnesses: for each
 (context_ids, continuation_ids) it returns the summed log-probability of the continuation given the
-context and whether the continuation is the greedy one (argmax at every position). Requests are
-grouped into batches padded to power-of-two sizes and lengths, so a whole evaluation compiles a
-handful of programs; each batch is one jitted teacher-forced forward (the full-sequence model) up to
-the final hidden states, then the lm_head and log-softmax a chunk of positions at a time
+context and whether the continuation is the greedy one (argmax at every position).
+
+Shared contexts are computed once. Requests with the same context token ids (a multiple-choice question's
+choices) are packed into one row: the context, then each continuation but its last token, with positions
+restarting after the context for every continuation, and a mask by which each continuation sees the
+context and itself only (segments, `ops.causal_mask`). The context's last position predicts every
+continuation's first token, and each continuation's positions its own next tokens: exactly the values of
+scoring the requests one by one, for the context's tokens once. (Packing was chosen over reusing cached
+context pages because it keeps scoring one teacher-forced program with the training forward's numerics and
+no cache round trip; lm-eval's HF backend shares only when choices differ in their last token.)
+
+Rows are grouped into batches padded to power-of-two sizes and lengths, so a whole evaluation compiles a
+handful of programs; each batch is one jitted forward (the full-sequence model) up to the final hidden
+states, then the lm_head and log-softmax at the scored positions a chunk at a time
 (`logprobs.target_logprobs`), so no [B, T, vocab] logits are ever held.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Sequence
@@ -49,6 +60,59 @@ def _score_batch(graphdef, state, ids_bt, mask_bt, targets_bt, weights_bt, chunk
     h = model.final_hidden(ids_bt, attention_mask=mask_bt)
     sums = continuation_sums(*target_logprobs(h, model.lm_head.kernel[...], targets_bt, chunk=chunk), weights_bt)
     return jax.tree.map(for_host, sums)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score_packed(graphdef, state, ids_bt, seg_bt, pos_bt, at_bp, targets_bp, chunk=DEFAULT_CHUNK):
+    """(log p(target) [B, P], target is the argmax [B, P]) at positions at_bp of packed rows (`score`)."""
+    model = nnx.merge(graphdef, state)
+    h = model.final_hidden(ids_bt, attention_mask=seg_bt, positions=pos_bt)
+    h = jnp.take_along_axis(h, at_bp[..., None], axis=1)
+    return jax.tree.map(for_host, target_logprobs(h, model.lm_head.kernel[...], targets_bp, chunk=chunk))
+
+
+@dataclasses.dataclass
+class _Row:
+    """A packed row: one context and the continuations that share it; `pairs` are (request, position, target)."""
+
+    ids: list[int]
+    seg: list[int]
+    pos: list[int]
+    pairs: list[tuple[int, int, int]]
+
+
+def _pack(ctx: list[int], conts: list[tuple[int, list[int]]], shared: bool) -> _Row:
+    """The row of a context and its continuations [(request, ids)]: each continuation sees the context and
+    itself (segment 2 + k), or, alone, the whole row (segment 1)."""
+    c = len(ctx)
+    row = _Row(list(ctx), [1] * c, list(range(c)), [])
+    for k, (req, cont) in enumerate(conts):
+        row.pairs.append((req, c - 1, cont[0]))  # the context's last position predicts the first token
+        at = len(row.ids)
+        row.ids += cont[:-1]
+        row.seg += [2 + k if shared else 1] * (len(cont) - 1)
+        row.pos += list(range(c, c + len(cont) - 1))
+        row.pairs += [(req, at + j, cont[j + 1]) for j in range(len(cont) - 1)]
+    return row
+
+
+def _rows(ctxs, conts, share: bool, budget: int) -> list[_Row]:
+    """Requests grouped by identical context into packed rows of at most `budget` tokens (a request alone
+    always fits)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, ctx in enumerate(ctxs):
+        groups.setdefault(tuple(ctx) if share else (i,), []).append(i)
+    rows = []
+    for members in groups.values():
+        ctx, batch, size = ctxs[members[0]], [], len(ctxs[members[0]])
+        for i in members:
+            if batch and size + len(conts[i]) - 1 > budget:
+                rows.append(_pack(ctx, batch, len(batch) > 1))
+                batch, size = [], len(ctx)
+            batch.append((i, conts[i]))
+            size += len(conts[i]) - 1
+        rows.append(_pack(ctx, batch, len(batch) > 1))
+    return rows
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capture", "chunk"))
@@ -90,11 +154,14 @@ def _batch_intervention(iv: Intervention | None, rows: dict[int, int]) -> Interv
 
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, *,
           capture: Capture | None = None, intervene: Intervention | None = None,
-          chunk: int = DEFAULT_CHUNK) -> list[tuple]:
+          chunk: int = DEFAULT_CHUNK, share_contexts: bool = True) -> list[tuple]:
     """[(sum of log p(continuation | context), is_greedy)] per (context_ids, continuation_ids) request.
 
     The context needs at least one token (the first token has nothing to be predicted from).
     chunk: positions per lm_head application (memory [batch, chunk, vocab] float32; see logprobs.py).
+    batch_size: rows per forward (a row holds one request, or a shared context with its continuations).
+    share_contexts: pack requests with identical context ids into one row (the context computed once; the
+    values are those of scoring each alone); False scores every request in its own row.
     Research access (model/hooks.py): `capture` adds a third element per request, a dict of numpy arrays cut
     to the request's input tokens (context + continuation minus the last token, n of them):
     hidden_states [L+1, n, H], router_logits / topk_ids / topk_weights [L_moe, n, .], attentions
@@ -130,6 +197,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     mesh = model_mesh(model)
     data = batch_divisor(mesh)
     graphdef, state = nnx.split(model)
+    if not probed:
+        return _score_shared(graphdef, state, ctxs, conts, batch_size, chunk, mesh, data, share_contexts,
+                             t.max_position_embeddings)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: len(ctxs[i]) + len(conts[i]))  # similar lengths together
     for s in range(0, len(order), batch_size):
@@ -144,17 +214,42 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             w[row, len(ctxs[i]) - 1:n] = 1
         args = [to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt, w)]
         with mesh_context(mesh):
-            if probed:
-                iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
-                (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv, chunk=chunk)
-            else:
-                lp, greedy = _score_batch(graphdef, state, *args, chunk=chunk)
+            iv = _batch_intervention(intervene, {i: row for row, i in enumerate(idx)})
+            (lp, greedy), out = _score_batch_probed(graphdef, state, *args, capture, iv, chunk=chunk)
         lp, greedy = np.asarray(jax.device_get(lp)), np.asarray(jax.device_get(greedy))
         for row, i in enumerate(idx):
             results[i] = (float(lp[row]), bool(greedy[row]))
             if capture is not None:
                 results[i] += (_captured_row(out, row, len(ctxs[i]) + len(conts[i]) - 1, b),)
     return results
+
+
+def _score_shared(graphdef, state, ctxs, conts, batch_size, chunk, mesh, data, share, max_len) -> list[tuple]:
+    """`score` without captures: requests packed into rows by shared context (module docstring)."""
+    longest = max(len(c) + len(x) - 1 for c, x in zip(ctxs, conts))
+    rows = _rows(ctxs, conts, share, min(max_len, max(2 * longest, 1024)))
+    rows.sort(key=lambda r: len(r.ids))
+    lp_sum, greedy = [0.0] * len(ctxs), [True] * len(ctxs)
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        b = batch_bucket(len(batch), data)
+        tl = pow2(max(len(r.ids) for r in batch), 8)
+        tp = pow2(max(len(r.pairs) for r in batch), 8)
+        ids, seg, pos = (np.zeros((b, tl), np.int32) for _ in range(3))
+        at, tgt = np.zeros((b, tp), np.int32), np.zeros((b, tp), np.int32)
+        for k, r in enumerate(batch):
+            n = len(r.ids)
+            ids[k, :n], seg[k, :n], pos[k, :n] = r.ids, r.seg, r.pos
+            at[k, :len(r.pairs)] = [p for _, p, _ in r.pairs]
+            tgt[k, :len(r.pairs)] = [x for _, _, x in r.pairs]
+        args = [to_global(x, mesh, ("batch",)) for x in (ids, seg, pos, at, tgt)]
+        with mesh_context(mesh):
+            lp, top = jax.device_get(_score_packed(graphdef, state, *args, chunk=chunk))
+        for k, r in enumerate(batch):
+            for j, (req, _, _) in enumerate(r.pairs):
+                lp_sum[req] += float(lp[k, j])
+                greedy[req] = greedy[req] and bool(top[k, j])
+    return list(zip(lp_sum, greedy))
 
 
 def perplexity(model, tokens: Sequence[int], window: int | None = None, stride: int | None = None,

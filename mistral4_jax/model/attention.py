@@ -90,27 +90,30 @@ def _scores(q_bthd, k_bshd, scale):
     return jnp.einsum("bthd,bshd->bhts", q_bthd, k_bshd, preferred_element_type=jnp.float32) * jnp.float32(scale)
 
 
-def _mask(q_pos_bt, k_pos_bs, k_valid_bs):
-    """[B, 1, T, S]: as ops.causal_mask, with a head axis."""
-    return ((k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]) & k_valid_bs[:, None, :])[:, None]
+def _mask(q_pos_bt, k_pos_bs, k_seg_bs, q_seg_bt):
+    """[B, 1, T, S]: as ops.causal_mask, with a head axis. Segments: a key of segment 0 is padding, of segment 1
+    seen by every query, of segment s >= 2 only by queries of segment s (several continuations packed after
+    one shared context)."""
+    seen = (k_seg_bs[:, None, :] == 1) | (k_seg_bs[:, None, :] == q_seg_bt[:, :, None])
+    return ((k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]) & (k_seg_bs[:, None, :] > 0) & seen)[:, None]
 
 
 # ---------------------------------------------------------------------- expanded form, with its VJP
-def _flash_forward(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk):
+def _flash_forward(q, k, v, q_pos, k_pos, k_seg, q_seg, scale, bq, bk):
     """(out [B, T, H, Dv] in v's dtype, logsumexp [B, H, T] fp32) for block-aligned inputs.
 
     Each query block's result is written in place into the output buffers (no stacked copy)."""
     b, t, h, _ = q.shape
     dv = v.shape[-1]
-    counts = key_block_counts(q_pos, k_pos, k_valid, bq, bk)
+    counts = key_block_counts(q_pos, k_pos, k_seg > 0, bq, bk)
 
     def q_block(i, bufs):
         out_buf, lse_buf = bufs
-        q_i, qp_i = _block(q, i, bq, 1), _block(q_pos, i, bq, 1)
+        q_i, qp_i, qs_i = _block(q, i, bq, 1), _block(q_pos, i, bq, 1), _block(q_seg, i, bq, 1)
 
         def body(j, carry):
             k_j, v_j = _block(k, j, bk, 1), _block(v, j, bk, 1)
-            m = _mask(qp_i, _block(k_pos, j, bk, 1), _block(k_valid, j, bk, 1))
+            m = _mask(qp_i, _block(k_pos, j, bk, 1), _block(k_seg, j, bk, 1), qs_i)
             s = jnp.where(m, _scores(q_i, k_j, scale), _NEG_INF)
             pv = lambda p: jnp.einsum("bhts,bshd->bhtd", p.astype(v.dtype), v_j,  # noqa: E731
                                       preferred_element_type=jnp.float32)
@@ -127,35 +130,36 @@ def _flash_forward(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk):
     return jax.lax.fori_loop(0, t // bq, q_block, bufs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk):
-    return _flash_forward(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, q_pos, k_pos, k_seg, q_seg, scale, bq, bk):
+    return _flash_forward(q, k, v, q_pos, k_pos, k_seg, q_seg, scale, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk):
-    out, lse = _flash_forward(q, k, v, q_pos, k_pos, k_valid, scale, bq, bk)
-    return out, (q, k, v, q_pos, k_pos, k_valid, out, lse)
+def _flash_fwd(q, k, v, q_pos, k_pos, k_seg, q_seg, scale, bq, bk):
+    out, lse = _flash_forward(q, k, v, q_pos, k_pos, k_seg, q_seg, scale, bq, bk)
+    return out, (q, k, v, q_pos, k_pos, k_seg, q_seg, out, lse)
 
 
 def _flash_bwd(scale, bq, bk, res, d_out):
     """FlashAttention-2 backward: per tile, p = exp(s - lse) is recomputed from the saved logsumexp;
     ds = p * (dp - rowsum(dO * O)); dq += ds k, dk += ds^T q, dv += p^T dO (times scale for dq, dk).
     Residuals are q, k, v, out and lse: memory linear in T; dk and dv accumulate in fp32 buffers."""
-    q, k, v, q_pos, k_pos, k_valid, out, lse = res
+    q, k, v, q_pos, k_pos, k_seg, q_seg, out, lse = res
     b, t, h, d = q.shape
-    counts = key_block_counts(q_pos, k_pos, k_valid, bq, bk)
+    counts = key_block_counts(q_pos, k_pos, k_seg > 0, bq, bk)
     delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
     sc = jnp.float32(scale)
 
     def q_block(i, grads):
         dq, dk, dv = grads
         q_i, qp_i, do_i = _block(q, i, bq, 1), _block(q_pos, i, bq, 1), _block(d_out, i, bq, 1)
+        qs_i = _block(q_seg, i, bq, 1)
         lse_i, delta_i = _block(lse, i, bq, 2), _block(delta, i, bq, 2)
 
         def body(j, inner):
             dq_i, dk, dv = inner
             k_j, v_j = _block(k, j, bk, 1), _block(v, j, bk, 1)
-            m = _mask(qp_i, _block(k_pos, j, bk, 1), _block(k_valid, j, bk, 1))
+            m = _mask(qp_i, _block(k_pos, j, bk, 1), _block(k_seg, j, bk, 1), qs_i)
             p = jnp.where(m, jnp.exp(_scores(q_i, k_j, scale) - lse_i[..., None]), 0.0)  # [B, H, bq, bk]
             dp = jnp.einsum("bthd,bshd->bhts", do_i, v_j, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_i[..., None]) * sc
@@ -171,7 +175,7 @@ def _flash_bwd(scale, bq, bk, res, d_out):
 
     grads = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, dk, dv = jax.lax.fori_loop(0, t // bq, q_block, grads)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -183,9 +187,10 @@ def _block_size(n: int, preferred: int) -> int:
 
 
 def blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, scale: float,
-                        block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+                        block_q: int | None = None, block_k: int | None = None, q_valid_bt=None) -> jax.Array:
     """softmax(q k^T * scale, masked) v -> [B, T, H, Dv], as `ops.attention` with
-    `ops.causal_mask(q_pos, k_pos, k_valid)`, in memory linear in T and S.
+    `ops.causal_mask(q_pos, k_pos, k_valid, q_valid)`, in memory linear in T and S. k_valid / q_valid: bool, or
+    int segments (0 padding, 1 shared, s >= 2 private to segment s; see `_mask`).
 
     Differentiable in q, k, v with a custom VJP (FlashAttention-2): the backward recomputes each tile
     from q, k, v and the saved fp32 logsumexp [B, H, T], so neither pass keeps a [T, S] matrix.
@@ -196,13 +201,13 @@ def blockwise_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, 
     """
     b, t, _, _ = q_bthd.shape
     s = k_bshd.shape[1]
-    if k_valid_bs is None:
-        k_valid_bs = jnp.ones((b, s), bool)
+    k_seg = jnp.ones((b, s), jnp.int32) if k_valid_bs is None else k_valid_bs.astype(jnp.int32)
+    q_seg = jnp.zeros((b, t), jnp.int32) if q_valid_bt is None else q_valid_bt.astype(jnp.int32)
     bq, bk = _block_size(t, block_q or BLOCK_Q), _block_size(s, block_k or BLOCK_K)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     out = _flash(_pad(q_bthd, 1, tp, 0), _pad(k_bshd, 1, sp, 0), _pad(v_bshd, 1, sp, 0),
                  _pad(q_pos_bt.astype(jnp.int32), 1, tp, _POS_MIN), _pad(k_pos_bs.astype(jnp.int32), 1, sp, _POS_MAX),
-                 _pad(k_valid_bs.astype(bool), 1, sp, False), float(scale), bq, bk)
+                 _pad(k_seg, 1, sp, 0), _pad(q_seg, 1, tp, 0), float(scale), bq, bk)
     return out[:, :t]
 
 
@@ -233,12 +238,13 @@ def cudnn_mask_form(q_pos_bt, k_pos_bs, k_valid_bs) -> jax.Array:
     ar = jnp.arange(q_pos_bt.shape[1], dtype=q_pos_bt.dtype)
     ok = jnp.all(q_pos_bt == ar) & jnp.all(k_pos_bs == ar)
     if k_valid_bs is not None:
-        ok &= jnp.all(k_valid_bs == (ar < jnp.sum(k_valid_bs, axis=1, keepdims=True)))
+        valid = k_valid_bs.astype(jnp.int32)  # segments >= 2 (packed continuations) are not cuDNN's form
+        ok &= jnp.all(valid == (ar < jnp.sum(valid > 0, axis=1, keepdims=True)))
     return ok
 
 
 def expanded_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, scale: float,
-                       impl: str = "auto") -> jax.Array:
+                       impl: str = "auto", q_valid_bt=None) -> jax.Array:
     """Full-sequence attention [B, T, H, Dv] by `impl` ("auto", "blockwise" or "reference").
 
     "reference" is the materialised `ops.attention` (O(T S) memory: the test reference and the path
@@ -247,16 +253,16 @@ def expanded_attention(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs, s
     otherwise."""
     which = choose_impl(impl, q_bthd, k_bshd, v_bshd)
     if which == "reference":
-        return ops.attention(q_bthd, k_bshd, v_bshd, ops.causal_mask(q_pos_bt, k_pos_bs, k_valid_bs), scale)
+        return ops.attention(q_bthd, k_bshd, v_bshd, ops.causal_mask(q_pos_bt, k_pos_bs, k_valid_bs, q_valid_bt), scale)
 
-    def blockwise(*args):
-        return blockwise_attention(*args, scale)
+    def blockwise(q, k, v, q_pos, k_pos, k_valid):
+        return blockwise_attention(q, k, v, q_pos, k_pos, k_valid, scale, q_valid_bt=q_valid_bt)
 
     if which == "blockwise":
         return blockwise(q_bthd, k_bshd, v_bshd, q_pos_bt, k_pos_bs, k_valid_bs)
 
     def cudnn(q, k, v, q_pos, k_pos, k_valid):
-        lengths = None if k_valid is None else jnp.sum(k_valid, axis=1, dtype=jnp.int32)
+        lengths = None if k_valid is None else jnp.sum(k_valid != 0, axis=1, dtype=jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
                                             implementation="cudnn").astype(v.dtype)
 

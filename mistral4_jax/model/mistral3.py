@@ -98,7 +98,9 @@ class Mistral3ForConditionalGeneration(nnx.Module):
     def hidden_states(self, inputs_embeds_btd, positions_bt, attention_mask_bt=None, hooks: Hooks = NO_HOOKS,
                       remat: bool = False, train: bool = False):
         """Final-norm hidden states of the text stack for a full (uncached) sequence."""
-        valid = None if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        valid = None if attention_mask_bt is None else jnp.asarray(attention_mask_bt)
+        if valid is not None and valid.dtype != jnp.bool_:  # 0/1 masks, or segments (`ops.causal_mask`)
+            valid = valid.astype(jnp.int32)
         return self.language_model(inputs_embeds_btd, positions_bt, valid, hooks=hooks, remat=remat, train=train)[0]
 
     def forward_cached(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Cache, mesh=None, rows_b=None,

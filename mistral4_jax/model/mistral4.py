@@ -104,7 +104,7 @@ class Mistral4MoE(nnx.Module):
         logits, w, idx = self.gate(x_th, hooks.allowed_experts(b, t))
         hooks.router(self, logits, w, idx)
         if valid_bt is not None:
-            used = valid_bt.reshape(-1, 1)
+            used = (valid_bt != 0).reshape(-1, 1)
             w, idx = jnp.where(used, w, 0), jnp.where(used, idx, self.experts.n_experts)  # id E: no expert
         y = self.experts(x_th, w, idx).reshape(b, t, d)
         if self.shared_experts is not None:
@@ -174,12 +174,12 @@ class Mistral4Attention(nnx.Module):
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
         if hooks.attention_probs_wanted:
             check_probs_size(b, c.num_attention_heads, q_bthd.shape[1], s)
-            mask = ops.causal_mask(positions_bt, positions_bt, valid_bt)
+            mask = ops.causal_mask(positions_bt, positions_bt, valid_bt, valid_bt)
             o, probs = ops.attention(q_bthd, k, v, mask, c.softmax_scale, return_probs=True)
             hooks.attention_probs(self, probs)
         else:
             o = attention.expanded_attention(q_bthd, k, v, positions_bt, positions_bt, valid_bt, c.softmax_scale,
-                                             c.attention_impl)
+                                             c.attention_impl, q_valid_bt=valid_bt)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def attend_latent(self, q_bthd, cache: Cache, index, positions_bt, rows_b=None, valid_bt=None) -> jax.Array:

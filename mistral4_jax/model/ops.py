@@ -148,11 +148,17 @@ def mla_absorbed_attention(q_nope_bthn: jax.Array, q_pe_bthr: jax.Array, w_uk_ch
 
 
 def causal_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array,
-                k_valid_bs: jax.Array | None = None) -> jax.Array:
-    """[B, T, S] True where key position <= query position (and the key is a real token)."""
+                k_valid_bs: jax.Array | None = None, q_valid_bt: jax.Array | None = None) -> jax.Array:
+    """[B, T, S] True where key position <= query position and the key is a real token.
+
+    The valid arrays are bool, or int segments: 0 padding, 1 seen by every query, s >= 2 seen only by queries
+    of segment s (continuations packed after a shared context, each seeing the context and itself)."""
     m = k_positions_bs[:, None, :] <= q_positions_bt[:, :, None]
     if k_valid_bs is not None:
-        m = m & k_valid_bs[:, None, :]
+        seg = k_valid_bs.astype(jnp.int32)[:, None, :]
+        m = m & (seg > 0)
+        if q_valid_bt is not None:
+            m = m & ((seg == 1) | (seg == q_valid_bt.astype(jnp.int32)[:, :, None]))
     return m
 
 
