@@ -390,7 +390,8 @@ class Engine:
     context, at most 32,768). page_tokens: slots per page (default PAGE_TOKENS). prefill_chunk: prompt
     tokens per insert (a power of two). stop_width: the longest token-id stop sequence. watch: decode at most
     STEPS_PER_CALL_WATCHED steps per call (set when callbacks want tokens promptly). expected_requests: how
-    many requests the default batch_size is sized for.
+    many requests the default batch_size is sized for. share_prefixes: reuse cached pages of identical prompt
+    prefixes (False: every prompt is computed whole; for comparisons).
 
     Thread safety: `submit` and `cancel` may be called from any thread; `step` (and `run`, iteration) from
     one thread at a time: it is where the work happens and where `on_tokens` callbacks run.
@@ -398,7 +399,8 @@ class Engine:
 
     def __init__(self, model, *, batch_size: int | None = None, cache_tokens: int | None = None,
                  max_len: int | None = None, page_tokens: int | None = None, prefill_chunk: int = 512,
-                 stop_width: int = STOP_WIDTH, watch: bool = False, expected_requests: int = 32):
+                 stop_width: int = STOP_WIDTH, watch: bool = False, expected_requests: int = 32,
+                 share_prefixes: bool = True):
         t = model.config.text
         self.model, self.config = model, model.config
         self.mesh = model_mesh(model)
@@ -411,6 +413,7 @@ class Engine:
         self.chunk = min(prefill_chunk, self.row_slots)
         self.stop_width = pow2(stop_width)
         self.steps_per_call = STEPS_PER_CALL_WATCHED if watch else STEPS_PER_CALL
+        self.share_prefixes = share_prefixes
         self.graphdef, state = nnx.split(model)
         self.leaves, self.treedef = jax.tree.flatten(state)
         self.state = state
@@ -628,7 +631,7 @@ class Engine:
             slot, group = free[0], self._group(free[0])
             ids = req.prefill_ids()
             keys = page_keys(ids[:len(ids) - 1], self.page, req.salt)  # the last token is always computed
-            shared = self.pool.match(group, keys)
+            shared = self.pool.match(group, keys) if self.share_prefixes else []
             new = self.pool.take(group, -(-len(ids) // self.page) - len(shared))
             if new is None:
                 self.pool.release(group, shared)
