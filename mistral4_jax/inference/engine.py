@@ -444,8 +444,8 @@ class Engine:
         self._dirty = True
         self._kill = np.zeros(self.rows, bool)
         self.events: list[list[tuple[Request, int]]] = []  # tokens of the last step, one list per token step
-        # prompt tokens computed, prompt tokens found in cached prefix pages, requests preempted
-        self.stats = {"prefilled": 0, "reused": 0, "preempted": 0}
+        # prompt tokens computed, prompt tokens found in cached prefix pages, requests preempted, decode steps run
+        self.stats = {"prefilled": 0, "reused": 0, "preempted": 0, "decode_steps": 0}
 
     # ------------------------------------------------------------------ sizes
     def _default_cache_tokens(self) -> int:
@@ -815,6 +815,7 @@ class Engine:
                     self._end(req)
             self._emit(events)
         for out, j, live in fetched[1]:
+            self.stats["decode_steps"] += int(j)
             for i in range(int(j)):
                 events = []
                 for s in range(self.rows):
