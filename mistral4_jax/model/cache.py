@@ -54,9 +54,8 @@ def init_cache(cfg: TextConfig, batch: int, length: int, dtype, mesh=None) -> Ca
     """A zero cache for `batch` rows of `length` slots, batch split over the mesh's `data` axis."""
     shapes = ((cfg.num_hidden_layers, batch, length, cfg.kv_lora_rank),
               (cfg.num_hidden_layers, batch, length, cfg.qk_rope_head_dim))
-    if mesh is None:
-        return Cache(*(jnp.zeros(s, dtype) for s in shapes))
-    return Cache(*(jax.jit(lambda s=s: jnp.zeros(s, dtype), out_shardings=logical_sharding(mesh, CACHE_LBSC, s))()
+    # made in place on each device (jnp.zeros compiles one cached program per shape and sharding)
+    return Cache(*(jnp.zeros(s, dtype, device=None if mesh is None else logical_sharding(mesh, CACHE_LBSC, s))
                    for s in shapes))
 
 
