@@ -33,7 +33,7 @@ from ..errors import CheckpointError, Mistral4Error
 from . import orbax as ck
 from .load import open_safetensors
 from .native import is_native_dir
-from .read import param_shapes
+from .read import param_shapes, stacked_paths
 from .safetensors_io import pickle_files, pickle_refusal
 from ..text.tokenizer import ASSET_FILES
 
@@ -106,7 +106,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
     cfg, model, plan = open_safetensors(src, "bfloat16" if dtype == "float8" else dtype)
     shapes = param_shapes(model)
     specs = ck.array_specs(plan, shapes, dtype)
-    groups = ck.groups(shapes)
+    groups = ck.groups(shapes, stacked_paths(model))
     total = sum(ck.slot_bytes(ps) for ps in plan.values())
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"convert: {src} ({layout} layout, {len(groups)} groups, {total / 2**30:.2f} GiB to read) -> {dst} ({dtype})")

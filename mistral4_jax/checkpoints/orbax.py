@@ -49,16 +49,19 @@ OTHER = "other"
 
 
 # ---------------------------------------------------------------------- groups
-def groups(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, int | None]]]:
-    """{group directory (relative to params/): [(parameter path, layer or None)]}, in loading order."""
+def groups(shapes: dict[str, tuple[int, ...]], stacked: frozenset[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """{group directory (relative to params/): [(parameter path, layer or None)]}, in loading order.
+
+    stacked: the parameters with a leading layer axis (`read.stacked_paths`); each of their layers goes to
+    its stack's group of that layer."""
     out: dict[str, list[tuple[str, int | None]]] = {OTHER: []}
     for path, shape in shapes.items():
-        st = split_stack(path)
-        if st is None:
+        if path not in stacked:
             out[OTHER].append((path, None))
             continue
+        stack = split_stack(path)[0]
         for layer in range(shape[0]):
-            out.setdefault(group_dir(st[0], layer), []).append((path, layer))
+            out.setdefault(group_dir(stack, layer), []).append((path, layer))
     return out
 
 
@@ -66,9 +69,9 @@ def group_dir(stack: str, layer: int) -> str:
     return f"{stack.replace('/', '.')}/{layer:05d}"
 
 
-def tree_key(path: str) -> list[str]:
-    st = split_stack(path)
-    return (st[1] if st else path).split("/")
+def tree_key(path: str, layer: int | None) -> list[str]:
+    """The keys of a parameter in its group's tree: its path inside one layer for a layer of a stacked one."""
+    return (path if layer is None else split_stack(path)[1]).split("/")
 
 
 def _nest(tree: dict, keys: list[str], value) -> None:
@@ -117,9 +120,9 @@ def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], 
             value, scale = read.read_slot(pieces, slot_shape, kept_dtype(pieces), keep_fp8=keep)
         else:
             value, scale = read.read_slot(pieces, slot_shape, np.dtype(dtype))
-        _nest(tree["params"], tree_key(path), value)
+        _nest(tree["params"], tree_key(path, layer), value)
         if scale is not None:
-            _nest(tree["scales"], tree_key(path), scale)
+            _nest(tree["scales"], tree_key(path, layer), scale)
         if progress is not None:
             progress(slot_bytes(pieces))
     if not tree["scales"]:
@@ -166,13 +169,16 @@ def read_marker(directory: str | os.PathLike) -> dict:
 
 
 def verify(directory: str | os.PathLike, specs: dict[str, dict]) -> list[str]:
-    """Every expected array (and scale) present in the Orbax metadata with its shape and dtype; problems found."""
+    """Every expected array (and scale) present in the Orbax metadata with its shape and dtype; problems found.
+    Which arrays are stacked comes from the model the directory's config.json describes."""
     import orbax.checkpoint as ocp
 
     shapes = {p: tuple(s["shape"]) for p, s in specs.items()}
+    stacked = read.stacked_paths(read.abstract_model(ModelConfig.from_json_file(Path(directory) / "config.json"),
+                                                     np.float32))
     problems = []
     with ocp.StandardCheckpointer() as ckptr:
-        for gdir, members in groups(shapes).items():
+        for gdir, members in groups(shapes, stacked).items():
             where = Path(directory) / "params" / gdir
             try:
                 tree = ckptr.metadata(where.absolute()).item_metadata.tree
@@ -187,7 +193,7 @@ def verify(directory: str | os.PathLike, specs: dict[str, dict]) -> list[str]:
                     want.append(("scales", fp8.scale_shape(shape), "float32"))
                 for part, shp, dt in want:
                     try:
-                        m = _get(tree[part], tree_key(path))
+                        m = _get(tree[part], tree_key(path, layer))
                     except (KeyError, TypeError):
                         problems.append(f"{where}: missing {part} array {path}")
                         continue
@@ -231,21 +237,21 @@ def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, 
         return sharding if layer is None else shard_lib.drop_leading_axis(sharding)
 
     with ocp.StandardCheckpointer() as ckptr:
-        for gdir, members in groups(shapes).items():
+        for gdir, members in groups(shapes, read.stacked_paths(model)).items():
             target: dict = {"params": {}, "scales": {}}
             for p, layer in members:
                 shp = shapes[p] if layer is None else shapes[p][1:]
-                _nest(target["params"], tree_key(p),
+                _nest(target["params"], tree_key(p, layer),
                       jax.ShapeDtypeStruct(shp, np.dtype(specs[p]["dtype"]), sharding=at(shardings[p], layer)))
                 if specs[p]["scaled"]:
-                    _nest(target["scales"], tree_key(p), jax.ShapeDtypeStruct(
+                    _nest(target["scales"], tree_key(p, layer), jax.ShapeDtypeStruct(
                         fp8.scale_shape(shp), np.float32, sharding=at(scale_shardings[p], layer)))
             if not target["scales"]:
                 del target["scales"]
             got = ckptr.restore((path / "params" / gdir).absolute(), target)
             for p, layer in members:
-                x = _get(got["params"], tree_key(p))
-                s = _get(got["scales"], tree_key(p)) if specs[p]["scaled"] else None
+                x = _get(got["params"], tree_key(p, layer))
+                s = _get(got["scales"], tree_key(p, layer)) if specs[p]["scaled"] else None
                 if p in keep_fp8:
                     if s is None:
                         w = jax.jit(fp8.quantize)(x)

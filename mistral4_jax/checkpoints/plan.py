@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .names import SKIP, TIED, Transform, is_stacked, is_weight, scale_names, slot_of
+from .names import SKIP, TIED, Transform, is_weight, scale_names, slot_of
 from .safetensors_io import FP8, SafetensorsFile
 
 _VISION_NORM = "vision_tower/transformer/layers/attention_norm/weight"
@@ -37,9 +37,10 @@ def _scale_for(name: str, index: dict[str, SafetensorsFile]) -> tuple[Safetensor
 
 
 def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expected: dict[str, tuple],
-                    native: bool = False) -> dict[str, list[Piece]]:
+                    stacked: frozenset[str], native: bool = False) -> dict[str, list[Piece]]:
     """Match every tensor to a parameter slot. Returns {param path: [Piece]}; raises listing all problems.
 
+    expected: {param path: shape}; stacked: the paths with a leading layer axis (`read.stacked_paths`).
     native: the names are Mistral's native ones (`names.NATIVE_ROWS`); pieces and messages keep the
     on-disk name."""
     n_vision = expected[_VISION_NORM][0] if cfg.vision is not None and _VISION_NORM in expected else None
@@ -59,7 +60,7 @@ def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expecte
     if "lm_head/kernel" not in plan and cfg.tie_word_embeddings and "language_model/embed_tokens/embedding" in plan:
         emb = plan["language_model/embed_tokens/embedding"][0]
         plan["lm_head/kernel"] = [dataclasses.replace(emb, transform=TIED)]
-    problems = _check_plan(plan, expected)
+    problems = _check_plan(plan, expected, stacked)
     for name in unexpected:
         problems.append(f"unexpected tensor {name!r} in {index[name].path}")
     if problems:
@@ -68,10 +69,10 @@ def plan_checkpoint(cfg: ModelConfig, index: dict[str, SafetensorsFile], expecte
     return plan
 
 
-def _check_plan(plan: dict[str, list[Piece]], expected: dict[str, tuple]) -> list[str]:
+def _check_plan(plan: dict[str, list[Piece]], expected: dict[str, tuple], stacked_paths: frozenset[str]) -> list[str]:
     problems = []
     for path, shape in expected.items():
-        stacked = is_stacked(path)
+        stacked = path in stacked_paths
         pieces = plan.get(path, [])
         slot_shape = shape[1:] if stacked else shape
         n_layers = shape[0] if stacked else 1

@@ -23,8 +23,9 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..memory import check_params_fit, shard_bytes
 from ..model import fp8
+from ..model.layers import is_stacked
 from ..model.mistral3 import Mistral3ForConditionalGeneration
-from .names import EXPERTS, Transform, is_stacked
+from .names import EXPERTS, Transform
 from .plan import Piece
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,6 +45,11 @@ def flat_params(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return {path: tuple(v.shape) for path, v in flat_params(model)}
+
+
+def stacked_paths(model: nnx.Module) -> frozenset[str]:
+    """The parameters of a layer stack: those whose own leading logical axis is "layers" (`layers.is_stacked`)."""
+    return frozenset(path for path, v in flat_params(model) if is_stacked(v))
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -204,8 +210,9 @@ def _device_slice(pieces: list[Piece], slot_shape: tuple[int, ...], dtype, index
     return np.ascontiguousarray(np.asarray(value)[index])
 
 
-def _layers(path: str, shape: tuple[int, ...]) -> list[int | None]:
-    return list(range(shape[0])) if is_stacked(path) else [None]
+def layers_of(shape: tuple[int, ...], stacked: bool) -> list[int | None]:
+    """The slots of a parameter: each layer of a stacked one, or the whole (None)."""
+    return list(range(shape[0])) if stacked else [None]
 
 
 def _placed(x: np.ndarray, sharding) -> jax.Array:
@@ -213,10 +220,11 @@ def _placed(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def _read_param(into: dict, path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, sharding) -> None:
+def _read_param(into: dict, path: str, pieces: list[Piece], shape: tuple[int, ...], stacked: bool, dtype,
+                sharding) -> None:
     """Parameter `path` dequantised onto its sharding; each process reads only the slices its devices hold."""
     np_dtype = np.dtype(dtype)
-    for layer in _layers(path, shape):
+    for layer in layers_of(shape, stacked):
         slot_shape = shape if layer is None else shape[1:]
         slot_sharding = sharding if layer is None else shard_lib.drop_leading_axis(sharding)
         ps = slot_pieces(pieces, layer)
@@ -225,14 +233,15 @@ def _read_param(into: dict, path: str, pieces: list[Piece], shape: tuple[int, ..
         assemble(into, path, layer, value, shape, sharding)
 
 
-def _read_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], dtype, sharding) -> fp8.Fp8Weight:
+def _read_fp8_param(path: str, pieces: list[Piece], shape: tuple[int, ...], stacked: bool, dtype,
+                    sharding) -> fp8.Fp8Weight:
     """An FP8-target parameter as an `Fp8Weight` on its sharding: E4M3 sources with per-tensor / per-expert
     scales keep their exact values and scales; anything else is read in float32 and quantised per output
     column (`fp8.quantize`)."""
     qsh, ssh = sharding, fp8.scale_sharding(sharding)
     q_all: dict = {}
     s_all: dict = {}
-    for layer in _layers(path, shape):
+    for layer in layers_of(shape, stacked):
         slot_shape = shape if layer is None else shape[1:]
         q, s = read_slot(slot_pieces(pieces, layer), slot_shape, np.float32, keep_fp8=True)
         if s is None:
@@ -273,9 +282,9 @@ def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, we
     shardings, keep_fp8 = planned_shardings(model, mesh, weights, where)
     values: dict = {}
     for path, var in flat_params(model):
-        shape = tuple(var.shape)
+        shape, stacked = tuple(var.shape), is_stacked(var)
         if path in keep_fp8:
-            values[path] = _read_fp8_param(path, plan[path], shape, dtype, shardings[path])
+            values[path] = _read_fp8_param(path, plan[path], shape, stacked, dtype, shardings[path])
         else:
-            _read_param(values, path, plan[path], shape, var.dtype, shardings[path])
+            _read_param(values, path, plan[path], shape, stacked, var.dtype, shardings[path])
     return filled(model, values)
