@@ -102,10 +102,15 @@ EXPORT_PREFIXES = {"text": "model.language_model.", "head": "lm_head.", "vision"
                    "projector": "model.multi_modal_projector."}
 TEXT_ONLY_EXPORT_PREFIXES = {"text": "model.", "head": "lm_head."}
 
-# Tensors that carry no information for a bf16/fp32 forward (static FP8 activation scales, buffers).
-IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|\.qscale_act|rotary_emb\.inv_freq)$")
-# FP8 weight scales: read with their weight, never on their own.
-SCALES = re.compile(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale|qscale_weight)$")
+# Tensors that carry no information for a bf16/fp32 forward (static FP8 activation scales, NVFP4's W4A4 input
+# scales, buffers).
+IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|\.qscale_act|\.input_global_scale"
+                     r"|rotary_emb\.inv_freq)$")
+# FP8 weight scales and NVFP4 block / global scales: read with their weight, never on their own.
+SCALES = re.compile(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale|qscale_weight|weight_global_scale)$")
+# An NVFP4 weight (compressed-tensors' nvfp4-pack-quantized, docs/model.md 2.6): `X.weight_packed` holds the
+# codes of the matrix every row names as `X.weight`, with `X.weight_scale` and `X.weight_global_scale` beside it.
+NVFP4_PACKED = ".weight_packed"
 
 TEXT = "language_model/"  # the text model's module path; its layer stacks are `layers.text_stacks`
 TEXT_STACKS = (TEXT + DENSE_STACK, TEXT + MOE_STACK)  # what `{stack}` in a row's path stands for
@@ -253,6 +258,22 @@ def is_weight(name: str) -> bool:
     return not (IGNORED.search(name) or SCALES.search(name))
 
 
+def is_packed(name: str) -> bool:
+    """Whether an on-disk tensor holds NVFP4 codes (its matrix is `nvfp4_matrix(name)`)."""
+    return name.endswith(NVFP4_PACKED)
+
+
+def nvfp4_matrix(name: str) -> str:
+    """The name the rows know an NVFP4 matrix by: `X.weight` for the codes `X.weight_packed`."""
+    return name[: -len(NVFP4_PACKED)] + ".weight"
+
+
+def nvfp4_names(name: str) -> tuple[str, str]:
+    """(block scale, global scale) tensor names of the NVFP4 codes `name`."""
+    stem = name[: -len(NVFP4_PACKED)]
+    return f"{stem}.weight_scale", f"{stem}.weight_global_scale"
+
+
 def scale_names(name: str) -> tuple[str, ...]:
     """The names an FP8 weight's scale may have, in the order they are looked for."""
     stem = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -281,8 +302,11 @@ def slot_of(name: str, cfg: ModelConfig, n_vision: int | None, native: bool = Fa
     """The slot an on-disk tensor fills; SKIP for a tensor nothing reads; None when no row fits.
 
     n_vision: the vision layers the model holds (blocks after vision_feature_layer are never used).
-    native: `name` is in Mistral's native layout (renamed to its HF name first)."""
+    native: `name` is in Mistral's native layout (renamed to its HF name first). NVFP4 codes (`X.weight_packed`)
+    fill the slot of their matrix `X.weight`."""
     interleaved = False
+    if is_packed(name):
+        name = nvfp4_matrix(name)
     if native:
         renamed = native_to_hf(name)
         if renamed is None:
