@@ -529,8 +529,8 @@ def _parse_compressed_tensors(d: dict[str, Any], source: str) -> QuantConfig:
         where = "quantization_config" + (f".config_groups.{name}" if name else "")
         got = (w.get("num_bits"), w.get("type"), w.get("group_size"))
         if got != (4, "float", 16):
-            raise ConfigError(f"{source}: {where}.weights is num_bits {got[0]!r}, type {got[1]!r}, group_size {got[2]!r}; "
-                              "only NVFP4 (num_bits 4, type 'float', group_size 16) is supported")
+            raise ConfigError(f"{source}: {where}.weights is num_bits {got[0]!r}, type {got[1]!r}, group_size "
+                              f"{got[2]!r}; only NVFP4 (num_bits 4, type 'float', group_size 16) is supported")
         formats.add(g.get("format") or d.get("format") or NVFP4_FORMAT)
     if formats != {NVFP4_FORMAT}:
         raise ConfigError(f"{source}: quantization_config format {sorted(formats)} is not supported "

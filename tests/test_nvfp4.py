@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import reference as R
 from convert import convert
-from mistral4_jax import CheckpointError, ConfigError, from_pretrained
+from mistral4_jax import CheckpointError, ConfigError, from_pretrained, generate
 from mistral4_jax.model import fp8, layer_at, moe, nvfp4, weights
 from test_convert import _native_name, save_native
 
@@ -237,7 +237,8 @@ def test_quantisation_is_compressed_tensors_and_round_trips():
         q = nvfp4.quantize(jnp.asarray(w.numpy().T))  # our layout [in, out]
         np.testing.assert_array_equal(np.asarray(q.codes).T, _np(sd["weight_packed"]))
         np.testing.assert_array_equal(np.asarray(q.scales).T, _np(sd["weight_scale"]))
-        np.testing.assert_array_equal(np.asarray(q.global_scale)[0], np.full(w.shape[0], _np(sd["weight_global_scale"])[0]))
+        np.testing.assert_array_equal(np.asarray(q.global_scale)[0],
+                                      np.full(w.shape[0], _np(sd["weight_global_scale"])[0]))
         # within the format's precision: at most one E2M1 step of the block (the largest gap is 4 -> 6)
         block = np.asarray(q.scales).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
         step = np.repeat(block / np.asarray(q.global_scale), 16, axis=0)
@@ -292,6 +293,15 @@ def test_nvfp4_checkpoint_loads_packed_and_matches_reference(ckpts, inputs):
     w = jm.language_model.layers.mlp.experts.gate_up_proj.get_value()
     assert w.codes.dtype == jnp.uint8 and w.scales.dtype == jnp.uint8 and w.global_scale.dtype == jnp.float32
     assert R.rel_err(_logits(jm, inputs), R.logits(ref, *inputs)) < TOL
+
+
+def test_greedy_generate_follows_the_reference(ckpts):
+    """The cached decode (gathered expert slices of the packed stacks, the absorbed attention) and prefill."""
+    _, (ref, path), _ = ckpts
+    jm = from_pretrained(path, dtype="float32")
+    prompts = [[1, 21, 33, 70, 41, 99, 140], [1, 77, 5]]
+    for prompt, new in zip(prompts, generate(jm, prompts, max_new_tokens=8, stop_tokens=[])):
+        R.assert_teacher_forced(ref, prompt, new)
 
 
 def test_parameter_bytes_of_the_routed_experts(ckpts):
@@ -446,7 +456,8 @@ def test_hybrid_from_both_releases(ckpts, inputs):
 def test_weights_vocabulary(ckpts):
     _, (_, nv_path), (_, f8_path) = ckpts
     kinds = _kinds(from_pretrained(f8_path, dtype="float32", weights="nvfp4"))  # the NVFP4 release's scheme
-    assert kinds[EXPERTS + "gate_up_proj"] is nvfp4.Nvfp4Weight and kinds[SHARED + "down_proj/kernel"] is nvfp4.Nvfp4Weight
+    assert kinds[EXPERTS + "gate_up_proj"] is nvfp4.Nvfp4Weight
+    assert kinds[SHARED + "down_proj/kernel"] is nvfp4.Nvfp4Weight
     assert kinds["language_model/layers/self_attn/o_proj/kernel"] is not fp8.Fp8Weight
     kinds = _kinds(from_pretrained(nv_path, dtype="float32", weights={"experts": "fp8", "attention": "fp8"}))
     assert kinds[EXPERTS + "down_proj"] is fp8.Fp8Weight and kinds["language_model/layers/self_attn/o_proj/kernel"] \

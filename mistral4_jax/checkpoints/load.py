@@ -41,7 +41,8 @@ def open_safetensors(path: str | os.PathLike, dtype, **config_overrides):
         cfg, index = load_config(path), index_files(hf_weight_files(path))
     cfg = read.with_overrides(cfg, config_overrides)
     model = read.abstract_model(cfg, dtype)
-    return cfg, model, plan_checkpoint(cfg, index, read.param_shapes(model), read.stacked_paths(model), native=is_native)
+    plan = plan_checkpoint(cfg, index, read.param_shapes(model), read.stacked_paths(model), native=is_native)
+    return cfg, model, plan
 
 
 def stored_float_dtype(path: str | os.PathLike) -> str:

@@ -150,8 +150,9 @@ def _check_nvfp4(p: Piece, matrix: tuple[int, ...]) -> list[str]:
     problems = []
     if d_in % 16:
         problems.append(f"{where}: input width {d_in} is not a multiple of 16")
-    want = [(p.key, p.file, "U8", (out, d_in // 2)), (*_named(p.scale, nvfp4_names(p.key)[0]), "F8_E4M3", (out, d_in // 16)),
-            (*_named(p.global_scale, nvfp4_names(p.key)[1]), "F32", None)]
+    block, glob = nvfp4_names(p.key)
+    want = [(p.key, p.file, "U8", (out, d_in // 2)), (*_named(p.scale, block), "F8_E4M3", (out, d_in // 16)),
+            (*_named(p.global_scale, glob), "F32", None)]
     for name, f, dt, shape in want:
         if f is None:
             problems.append(f"{where} has no {name!r} beside it")

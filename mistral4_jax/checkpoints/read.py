@@ -372,7 +372,8 @@ def read_values(model: nnx.Module, plan: dict[str, list[Piece]], dtype, sharding
     return values
 
 
-def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, weights, where="the checkpoint") -> nnx.Module:
+def read_params(model: nnx.Module, plan: dict[str, list[Piece]], dtype, mesh, weights,
+                where="the checkpoint") -> nnx.Module:
     """The abstract `model` with every parameter read from the `plan` onto its sharding (the logical axes the
     parameter declares), each in the kind `scheme.targets` gives it for `weights`."""
     targets = scheme.targets(flat_params(model), weights, stored_kinds(plan))
