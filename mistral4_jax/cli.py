@@ -65,9 +65,14 @@ def _add_mesh_arg(p) -> None:
 def _add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (HF, Mistral-native or converted Orbax)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="parameter dtype (default bfloat16)")
-    p.add_argument("--weights", default=None, choices=["fp8"],
+    p.add_argument("--weights", default=None, choices=["fp8", "nvfp4", "hybrid", "dense"],
                    help="fp8: keep attention projections, MLPs and experts as E4M3 with float32 scales (about "
-                        "half the memory of bfloat16: the released model fits one H200)")
+                        "half the memory of bfloat16: the released model fits one H200); nvfp4: routed and shared "
+                        "experts as NVFP4; hybrid: routed experts NVFP4, the rest FP8 (fits an 80 GB card); "
+                        "dense: everything in --dtype. Default: as stored, FP8 dequantised, NVFP4 kept packed")
+    p.add_argument("--experts-from", metavar="DIR", default=None,
+                   help="take the routed experts from this safetensors checkpoint of the same model (e.g. the NVFP4 "
+                        "release beside the FP8 one)")
     _add_mesh_arg(p)
 
 
@@ -97,7 +102,8 @@ def _mesh(spec: str | None):
 def _load(args):
     from .checkpoints.load import from_pretrained
 
-    return from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh), weights=args.weights)
+    return from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh), weights=args.weights,
+                           experts_from=args.experts_from)
 
 
 def _text(value: str, flag: str) -> str:
@@ -468,6 +474,12 @@ def add_convert(sub) -> None:
     p.add_argument("--dtype", choices=CONVERT_DTYPES, default="bfloat16",
                    help="bfloat16 / float32: dequantise FP8 weights; float8: keep E4M3 weights and their scales "
                         "(default: bfloat16)")
+    p.add_argument("--experts", choices=["nvfp4"], default=None,
+                   help="write the routed experts as NVFP4 (quantised when the source holds them in another format; "
+                        "with --dtype float8 the one-80-GB-card hybrid). NVFP4 weights are always written packed")
+    p.add_argument("--experts-from", metavar="DIR", default=None,
+                   help="take the routed experts from this safetensors checkpoint of the same model, as stored "
+                        "(e.g. the NVFP4 release beside the FP8 one)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still go to stderr)")
     p.set_defaults(func=run_convert)
@@ -476,7 +488,8 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from .checkpoints.convert import convert  # JAX_PLATFORMS=cpu was set before jax was imported (_preimport)
 
-    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet, experts=args.experts,
+            experts_from=args.experts_from)
     return 0
 
 

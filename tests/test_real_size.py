@@ -18,3 +18,30 @@ def test_fp8_decode_reads_only_the_routed_experts():
     assert "f16/f8" not in row.note
     # reading every expert of both layers would be 7.5 GB more: the check tells the two apart
     assert row.reads < row.must + 0.5
+
+
+def test_nvfp4_and_hybrid_decode_read_only_the_routed_experts():
+    rows = real_size.main(["--layers", "2", "--mesh", "1", "--weights", "nvfp4", "hybrid", "--programs", "decode B=1"])
+    nv, hy = rows
+    for row in rows:
+        assert 0.99 < row.reads / row.must < 1.3, (row.weights, row.reads, row.must)
+        assert "f16/f8" not in row.note
+    assert hy.params < nv.params  # FP8 attention and shared expert instead of bf16 / NVFP4 plus bf16 attention
+
+
+def test_hybrid_parameters_fit_an_80gb_card():
+    """The released shapes (36 layers) as abstract arrays, nothing compiled: the routed experts by the NVFP4
+    release's own byte count (14,155,776 B per expert, docs/model.md 2.6) plus our per-column global scales."""
+    import jax.numpy as jnp
+
+    from mistral4_jax.config import ModelConfig
+
+    cfg = ModelConfig.mistral_small_4()
+    _, state = real_size.abstract(cfg, jnp.bfloat16, "hybrid", None)
+    flat = {"/".join(map(str, p)): v.get_value() for p, v in real_size.nnx.to_flat_state(state)}
+    routed = sum(real_size.per_device(v) for p, v in flat.items() if "/mlp/experts/" in p)
+    assert routed == 36 * 128 * (14_155_776 + 4 * (2 * 2048 + 4096))
+    total = real_size.per_device(state)
+    assert total < real_size.CARD80_POOL - 5 * 2**30  # room for a cache and the temporaries
+    _, fp8_state = real_size.abstract(cfg, jnp.bfloat16, "fp8", None)
+    assert real_size.per_device(fp8_state) > real_size.CARD80_POOL  # what the hybrid is for

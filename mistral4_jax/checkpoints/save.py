@@ -19,16 +19,16 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from ..config import ModelConfig
-from .names import disk_name, is_stacked
+from ..model.layers import is_stacked
+from .names import disk_name
 
 
 def hf_tensors(params: nnx.State, cfg: ModelConfig):
     """Yield (HF name, numpy array in the on-disk layout) for every parameter; stacked ones per layer."""
     for p, v in nnx.to_flat_state(params):
         path = "/".join(map(str, p))
-        x = v.get_value() if isinstance(v, nnx.Variable) else v
-        x = np.asarray(jax.device_get(x))
-        layers = range(x.shape[0]) if is_stacked(path) else [None]
+        x = np.asarray(jax.device_get(v.get_value()))
+        layers = range(x.shape[0]) if is_stacked(v) else [None]
         for layer in layers:
             name, transform = disk_name(path, layer, cfg)
             yield name, np.ascontiguousarray(transform.to_disk(x if layer is None else x[layer]))
