@@ -17,6 +17,7 @@ from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import fp8
+from . import adapter as adapter_lib
 from . import native, orbax, read
 from .plan import plan_checkpoint
 from .names import is_weight
@@ -60,7 +61,8 @@ def stored_float_dtype(path: str | os.PathLike) -> str:
     return "float32" if wide * 2 > sum(n for _, n in sizes) else "bfloat16"
 
 
-def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides):
+def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, adapter=None,
+                    **config_overrides):
     """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
 
     path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards),
@@ -69,12 +71,19 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     shard the parameters over (see `mistral4_jax.sharding`), or None for the default device.
     weights: None, or "fp8" to keep the attention projections, shared / dense MLPs and routed experts as
     E4M3 with float32 per-output-column scales (`mistral4_jax.model.fp8`; about half the bytes of bf16).
+    adapter: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. the
+    `OUT/adapter` of a LoRA `finetune`, or one saved by peft for the transformers model) applied on top
+    (`checkpoints/adapter.py`): merged into plain weights, kept beside quantised ones (the base stays FP8).
     config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
     """
     mesh = shard_lib.as_auto_mesh(mesh)
     dtype = read.resolve_dtype(dtype)
     fp8.check_weights(weights)
+    if adapter is not None:
+        adapter_lib.read_config(adapter)  # a bad adapter fails before the base is read
     if orbax.is_orbax_dir(path):
-        return orbax.restore(path, dtype, mesh, weights, **config_overrides)
-    _, model, plan = open_safetensors(path, dtype, **config_overrides)
-    return read.read_params(model, plan, dtype, mesh, weights, Path(path))
+        model = orbax.restore(path, dtype, mesh, weights, **config_overrides)
+    else:
+        _, model, plan = open_safetensors(path, dtype, **config_overrides)
+        model = read.read_params(model, plan, dtype, mesh, weights, Path(path))
+    return model if adapter is None else adapter_lib.load_adapter(model, adapter, mesh, donate=True)
