@@ -95,8 +95,10 @@ class Trainer:
             trainable = init_adapters(params, cfg.lora, jax.random.fold_in(self.key, 1))
         state = init_state(trainable, self.tx)
         self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
-        if mesh is not None:
-            state = jax.device_put(state, state_shardings(state, self.tx, mesh, self.frozen))
+        # Committed to where the step leaves it (one device: the default one), so that the second step does
+        # not compile the program again for arguments placed differently from the first's.
+        state = jax.device_put(state, jax.devices()[0] if mesh is None else
+                               state_shardings(state, self.tx, mesh, self.frozen))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
         self._unlogged = None  # the metrics of a finished step whose log line is not written yet
