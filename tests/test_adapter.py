@@ -20,6 +20,7 @@ from mistral4_jax import CheckpointError, from_pretrained
 from mistral4_jax.checkpoints.adapter import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from mistral4_jax.checkpoints.save import hf_tensors
 from mistral4_jax.model.lora import LoRAWeight
+from mistral4_jax.sharding import make_mesh
 from mistral4_jax.train import LoRAConfig
 from mistral4_jax.train.lora import init_adapters
 
@@ -132,7 +133,24 @@ def good(tmp_path_factory):
     model = from_pretrained(d, dtype="float32")
     lora = LoRAConfig(rank=2, alpha=4.0, targets=("attention", "experts"))
     adapters = init_adapters(nnx.state(model, nnx.Param), lora, jax.random.key(0))
+    g = np.random.default_rng(4)
+    adapters = {k: {"a": v["a"], "b": 0.2 * g.standard_normal(v["b"].shape)} for k, v in adapters.items()}
     return d, save_adapter(adapters, 2, 4.0, model.config, tmp_path_factory.mktemp("good") / "adapter")
+
+
+@pytest.mark.parametrize("weights", [None, "fp8"])
+def test_an_adapter_loads_onto_a_mesh(good, weights):
+    """Factors split like their weight over (expert 4, tensor 2); merged into a plain base, kept beside FP8."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    d, src = good
+    want = np.asarray(from_pretrained(d, dtype="float32", weights=weights, adapter=src)(IDS))
+    assert R.rel_err(want, np.asarray(from_pretrained(d, dtype="float32", weights=weights)(IDS))) > 1e-2
+    model = from_pretrained(d, dtype="float32", weights=weights, adapter=src, mesh=make_mesh(4, tensor=2))
+    experts = model.language_model.layers.mlp.experts.gate_up_proj.get_value()
+    a = experts.a if weights else experts
+    assert a.sharding.spec[1] == "expert"
+    assert R.rel_err(np.asarray(model(IDS)), want) < TOL
 
 
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("rank_pattern", {"o_proj": 4}),

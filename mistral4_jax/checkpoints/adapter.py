@@ -287,11 +287,11 @@ def apply_adapter(model: nnx.Module, adapters: dict[str, dict], scale: float, me
         if ad is None:
             flat.append((p, v))
             continue
-        a, b = ad["a"], ad["b"]
-        if mesh is not None:
+        a, b = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32)
+        if mesh is not None:  # every process holds the whole file's factors: each places its devices' parts
             sa, sb = shard_lib.adapter_specs(path, axes[path], a.shape, b.shape, mesh)
-            a = jax.device_put(a, NamedSharding(mesh, sa))
-            b = jax.device_put(b, NamedSharding(mesh, sb))
+            a = jax.make_array_from_callback(a.shape, NamedSharding(mesh, sa), lambda i, x=a: x[i])
+            b = jax.make_array_from_callback(b.shape, NamedSharding(mesh, sb), lambda i, x=b: x[i])
         else:
             a, b = jnp.asarray(a), jnp.asarray(b)
         w = v.get_value()
