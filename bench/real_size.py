@@ -5,8 +5,8 @@ layers at the real width), bf16, `weights="fp8"`, `"nvfp4"` (the NVFP4 release's
 routed experts, FP8 the rest: the one-80-GB-card layout), on one device or an N-device expert mesh, it compiles
 the engine's own programs as `generate` runs them (`inference/engine.py`: decode steps over B slots of 32k
 rows; one 512-token prefill chunk into a 16k row, the last chunk of an 8k prompt), `score`'s batch program
-(`inference/score.py`) and a LoRA train step (`train/step.py`, rank 16, attention + experts, remat) and
-prints, per program:
+(`inference/score.py`) and the LoRA train step (`train/step.py`, rank 16, attention + experts or attention only,
+remat, over the base as `--weights` holds it) and prints, per program:
 
 - params / cache: bytes per device of the arguments (the parameters as they are held; the cache as laid out);
 - temp: XLA's `memory_analysis()` temporaries per device, with XLA:CPU's own copies removed (below);
@@ -174,10 +174,11 @@ class Row:
 def compile_both(build, dtype):
     """(the program compiled in `dtype`, its temp with XLA:CPU's bf16 widening removed, its context).
 
-    build(dtype) -> (lowered program, context: {"args", "params", "call"} for the read count)."""
+    build(dtype) -> (lowered program, context: {"args", "params", "call"} for the read count). The context gets
+    "direct_temp": the temp of the `dtype` compile itself (XLA:CPU's widening copies included)."""
     lowered, ctx = build(dtype)
     compiled = lowered.compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
+    temp = ctx["direct_temp"] = compiled.memory_analysis().temp_size_in_bytes
     if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
         temp = build(jnp.float32)[0].compile().memory_analysis().temp_size_in_bytes / 2
     return compiled, temp, ctx
@@ -232,9 +233,13 @@ def score_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=8192):
     return compile_both(build, dtype)
 
 
-def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16):
+def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16, targets=("attention", "experts")):
+    """The LoRA train step as `finetune` compiles it (`train.step.compile_step`): the frozen base as loaded
+    (weights="fp8": E4M3 bits + float32 scales, dequantised where read), float32 adapters, float32 AdamW moments,
+    remat on. The temp of the f32 twin halved counts the step's float32 temporaries (adapter gradients, optimizer
+    update) at half their size; the row's note gives the bf16 compile's own temp, an upper bound."""
     tcfg = TrainConfig(steps=10, max_len=length, batch_size=1, remat=True, param_dtype=jnp.dtype(dtype).name,
-                       lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets=("attention", "experts")))
+                       weights=weights, lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets))
     tx = make_optimizer(tcfg)
 
     def build(dt):
@@ -247,7 +252,7 @@ def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16):
         with shard_lib.mesh_context(mesh):
             # the adapters and AdamW moments count as "cache": the state besides the frozen base
             return step.lower(state, params, batch, None, None), dict(params=params, cache=state, tokens=length,
-                                                                      head=length)
+                                                                      head=length, train=True)
 
     return compile_both(build, dtype)
 
@@ -272,6 +277,8 @@ def measure(name, fn, cfg, weights, mesh) -> Row:
     art = cpu_artefacts(compiled, cfg)
     if art:
         note = (note + f" {art} f16/f8 stack buffers").strip()
+    if ctx.get("train") and ctx["direct_temp"] != temp:
+        note = (note + f" bf16 compile temp {ctx['direct_temp'] / GiB:.2f}").strip()
     row = Row(name, weights or "bf16", 1 if mesh is None else mesh.size, per_device(ctx["params"]) / GiB,
               per_device(ctx["cache"]) / GiB, temp / GiB, reads / 1e9, must / 1e9, flops / 1e9,
               2 * (matmul_params(cfg)[0] * tokens + matmul_params(cfg)[1] * ctx["head"]) / 1e9, note)
@@ -286,6 +293,7 @@ PROGRAMS = {
     "prefill 512 of 8k": insert_program,
     "score 8k": score_program,
     "LoRA r16 step 4k": train_program,
+    "LoRA r16 attention step 4k": lambda c, w, m: train_program(c, w, m, targets=("attention",)),
 }
 
 
@@ -349,8 +357,6 @@ def main(argv=None) -> list[Row]:
         mesh = None if n == 1 else shard_lib.make_mesh(n, devices=jax.devices()[:n])
         for w in args.weights:
             for name in args.programs.split(","):
-                if name.startswith("LoRA") and ((n > 1 and w == "fp8") or w in ("nvfp4", "hybrid")):
-                    continue  # LoRA over 4-bit experts is measured elsewhere
                 rows.append(measure(name, PROGRAMS[name], cfg, None if w == "bf16" else w, mesh))
     print(f"Mistral Small 4 at {args.layers} layers, jax {jax.__version__} ({jax.default_backend()})")
     print(table(rows))

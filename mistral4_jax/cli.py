@@ -422,8 +422,10 @@ def add_finetune(sub) -> None:
                        description="Trains with AdamW (warmup + cosine schedule, global-norm clipping) on "
                                    "JSONL lines {\"messages\": [...]} (assistant turns trained), {\"text\": ...} or "
                                    "{\"ids\": [...]}; writes Orbax checkpoints, a loss log and the fine-tuned model "
-                                   "(LoRA merged) to --out, which loads with from_pretrained. Rerunning with the same "
-                                   "--out resumes from the latest checkpoint.")
+                                   "(LoRA merged) to --out, which loads with from_pretrained; LoRA runs also write "
+                                   "--out/adapter, a PEFT LoRA adapter (from_pretrained(MODEL, adapter=OUT/adapter), "
+                                   "transformers + peft). Rerunning with the same --out resumes from the latest "
+                                   "checkpoint.")
     p.add_argument("--model", required=True, help="HF-layout checkpoint directory")
     p.add_argument("--data", required=True, help="JSONL training data")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -441,6 +443,14 @@ def add_finetune(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter dtype (default: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for "
                         "float32 ones; the optimizer state is float32 either way)")
+    p.add_argument("--weights", default=None, choices=["fp8", "nvfp4"],
+                   help="hold the frozen base quantised and train LoRA over it (needs --lora-rank): fp8 keeps the "
+                        "attention projections, MLPs and experts as E4M3 with float32 scales, so LoRA on the released "
+                        "model fits one H200; nvfp4 where the loader has it")
+    p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA: also write the whole model with the adapters merged to --out (default: yes, except "
+                        "over a --weights base, where --out/adapter with from_pretrained(MODEL, weights=..., "
+                        "adapter=...) gives the same model without a dequantised copy)")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
     p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")
     p.add_argument("--seed", type=int, default=0)
@@ -458,8 +468,10 @@ def run_finetune(args) -> int:
                           targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                       clip_norm=args.clip_norm, batch_size=args.batch_size, max_len=args.max_len, remat=args.remat,
-                      param_dtype=args.dtype, router_aux_weight=args.router_aux_weight, lora=lora, seed=args.seed)
-    finetune(args.model, args.data, args.out, cfg, mesh=_mesh(args.mesh), save_every=args.save_every)
+                      param_dtype=args.dtype, weights=args.weights, router_aux_weight=args.router_aux_weight, lora=lora,
+                      seed=args.seed)
+    finetune(args.model, args.data, args.out, cfg, mesh=_mesh(args.mesh), save_every=args.save_every,
+             merged=args.merged)
     return 0
 
 

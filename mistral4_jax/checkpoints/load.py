@@ -16,6 +16,7 @@ import numpy as np
 from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from . import adapter as adapter_lib
 from . import native, orbax, read, scheme
 from .plan import plan_checkpoint
 from .names import is_weight
@@ -81,7 +82,7 @@ def expert_paths(model) -> set[str]:
 
 
 def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, experts_from=None,
-                    **config_overrides):
+                    adapter=None, **config_overrides):
     """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
 
     path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards),
@@ -99,18 +100,26 @@ def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weight
     `path`, e.g. the NVFP4 release's beside the FP8 release: `from_pretrained(fp8_dir, weights="fp8",
     experts_from=nvfp4_dir)` is the hybrid of FP8 attention and shared expert with the NVFP4 experts as
     released.
+    adapter: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. the
+    `OUT/adapter` of a LoRA `finetune`, or one saved by peft for the transformers model) applied on top
+    (`checkpoints/adapter.py`): merged into plain weights, kept beside quantised ones (an FP8 or NVFP4 base stays
+    packed).
     config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
     """
     mesh = shard_lib.as_auto_mesh(mesh)
     dtype = read.resolve_dtype(dtype)
     scheme.check(weights)
+    if adapter is not None:
+        adapter_lib.read_config(adapter)  # a bad adapter fails before the base is read
     if orbax.is_orbax_dir(path):
         replace = None
         if experts_from is not None:
             model = read.abstract_model(orbax.config_of(path, **config_overrides), dtype)
             replace = experts_plan(experts_from, model, dtype, **config_overrides)
-        return orbax.restore(path, dtype, mesh, weights, replace=replace, **config_overrides)
-    _, model, plan = open_safetensors(path, dtype, **config_overrides)
-    if experts_from is not None:
-        plan = {**plan, **experts_plan(experts_from, model, dtype, **config_overrides)}
-    return read.read_params(model, plan, dtype, mesh, weights, Path(path))
+        model = orbax.restore(path, dtype, mesh, weights, replace=replace, **config_overrides)
+    else:
+        _, model, plan = open_safetensors(path, dtype, **config_overrides)
+        if experts_from is not None:
+            plan = {**plan, **experts_plan(experts_from, model, dtype, **config_overrides)}
+        model = read.read_params(model, plan, dtype, mesh, weights, Path(path))
+    return model if adapter is None else adapter_lib.load_adapter(model, adapter, mesh, donate=True)
