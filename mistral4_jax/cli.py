@@ -21,6 +21,8 @@ from .memory import set_cli_allocator
 DTYPES = ("bfloat16", "float32", "float16")
 # checkpoints.convert.DTYPES, written out here so that building the parser imports no jax (a test keeps them equal)
 CONVERT_DTYPES = ("bfloat16", "float32", "float8")
+# from_pretrained(weights=...)'s presets (`checkpoints/scheme.PRESETS`; not imported here: it imports jax)
+WEIGHTS = ("fp8", "nvfp4", "hybrid", "dense")
 
 
 class UsageError(Exception):
@@ -65,7 +67,7 @@ def _add_mesh_arg(p) -> None:
 def _add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (HF, Mistral-native or converted Orbax)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="parameter dtype (default bfloat16)")
-    p.add_argument("--weights", default=None, choices=["fp8", "nvfp4", "hybrid", "dense"],
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="fp8: keep attention projections, MLPs and experts as E4M3 with float32 scales (about "
                         "half the memory of bfloat16: the released model fits one H200); nvfp4: routed and shared "
                         "experts as NVFP4; hybrid: routed experts NVFP4, the rest FP8 (fits an 80 GB card); "
@@ -443,13 +445,14 @@ def add_finetune(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter dtype (default: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for "
                         "float32 ones; the optimizer state is float32 either way)")
-    p.add_argument("--weights", default=None, choices=["fp8", "nvfp4"],
-                   help="hold the frozen base quantised and train LoRA over it (needs --lora-rank): fp8 keeps the "
-                        "attention projections, MLPs and experts as E4M3 with float32 scales, so LoRA on the released "
-                        "model fits one H200; nvfp4 where the loader has it")
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="how the base is held, as for chat: fp8, nvfp4 and hybrid keep it quantised and frozen and "
+                        "train LoRA over it (needs --lora-rank); fp8 keeps the attention projections, MLPs and "
+                        "experts as E4M3 with float32 scales, so LoRA on the released model fits one H200; dense: "
+                        "everything in --dtype. Default: as stored, FP8 dequantised, NVFP4 kept packed")
     p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA: also write the whole model with the adapters merged to --out (default: yes, except "
-                        "over a --weights base, where --out/adapter with from_pretrained(MODEL, weights=..., "
+                        "over a quantised base, where --out/adapter with from_pretrained(MODEL, weights=..., "
                         "adapter=...) gives the same model without a dequantised copy)")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
     p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")

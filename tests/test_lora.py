@@ -1,4 +1,4 @@
-"""LoRA over a quantised (FP8) base: exact gradients, training from the command line, sharding, the merged
+"""LoRA over a quantised (FP8, NVFP4) base: exact gradients, training from the command line, sharding, the merged
 export, and the settings that refuse it (full fine-tuning, a resume with another base)."""
 
 import dataclasses
@@ -15,6 +15,7 @@ from mistral4_jax.demo import synthetic
 from mistral4_jax.demo.synthetic_tokenizer import write_tekken
 from mistral4_jax.model import weights
 from mistral4_jax.model.fp8 import Fp8Weight
+from mistral4_jax.model.nvfp4 import Nvfp4Weight
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.text.images import ImageConfig
 from mistral4_jax.train import LoRAConfig, TrainConfig, Trainer, loss_fn, merge_adapters, tokenize_record
@@ -75,6 +76,53 @@ def test_lora_gradients_over_an_fp8_base_equal_those_over_the_dequantised_base(f
             a, b = np.asarray(grads_q[k][ab]), np.asarray(grads_p[k][ab])
             assert np.abs(b).max() > 0, (k, ab)
             assert np.abs(a - b).max() <= tol * np.abs(b).max(), (k, ab)
+
+
+def test_lora_gradients_over_nvfp4_experts_equal_those_over_the_dequantised_base(fp8_dir):
+    """weights="hybrid": the routed experts quantised to NVFP4 at load, the other projections FP8. Against the same
+    state with every kind replaced by its float32 `dense()` (the dequantised base), the two programs differ only
+    in where XLA forms the kernels: float32 reassociation, as above."""
+    quantised = from_pretrained(fp8_dir, dtype="float32", weights="hybrid")
+    gq, pq = nnx.split(quantised, nnx.Param)
+    kinds = {"/".join(map(str, k)): type(v.get_value()) for k, v in nnx.to_flat_state(pq)
+             if weights.is_kind(v.get_value())}
+    assert sorted(p for p, k in kinds.items() if k is Nvfp4Weight) == [
+        "language_model/layers/mlp/experts/down_proj", "language_model/layers/mlp/experts/gate_up_proj"]
+    assert sum(k is Fp8Weight for k in kinds.values()) == 8
+    pp = nnx.from_flat_state([(k, v.replace(weights.dense(v.get_value()))) for k, v in nnx.to_flat_state(pq)])
+    lora = LoRAConfig(rank=3, alpha=6.0, targets=ALL)
+    cfg = TrainConfig(steps=1, lora=lora, weights="hybrid")
+    adapters = _random_b(init_adapters(pq, lora, jax.random.key(0)))
+    g = np.random.default_rng(1)
+    ids = g.integers(20, 256, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "targets": g.random((2, 12)) < 0.7}
+    lq, grads_q = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pq, batch, gq, cfg)[0]))(adapters)
+    lp, grads_p = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pp, batch, gq, cfg)[0]))(adapters)
+    tol = CFG.text.vocab_size * F32_U
+    assert abs(float(lq) - float(lp)) <= tol * float(lp)
+    assert set(grads_q) == set(kinds)
+    for k in adapters:
+        for ab in "ab":
+            a, b = np.asarray(grads_q[k][ab]), np.asarray(grads_p[k][ab])
+            assert np.abs(b).max() > 0, (k, ab)
+            assert np.abs(a - b).max() <= tol * np.abs(b).max(), (k, ab)
+
+
+def test_the_weights_setting_is_from_pretrained_s_vocabulary():
+    """TrainConfig.weights and `finetune --weights` take `from_pretrained(weights=...)`'s presets; "dense" holds
+    plain parameters, so full fine-tuning over it is allowed."""
+    from mistral4_jax import cli
+    from mistral4_jax.checkpoints import scheme
+
+    assert set(cli.WEIGHTS) == set(scheme.PRESETS)
+    for w in ("fp8", "nvfp4", "hybrid"):
+        TrainConfig(steps=1, weights=w, lora=LoRAConfig())
+        with pytest.raises(InputError, match="only LoRA adapters"):
+            TrainConfig(steps=1, weights=w)
+    TrainConfig(steps=1, weights="dense")
+    for bad in ("int4", {"experts": "nvfp4"}):
+        with pytest.raises(InputError, match="weights must be None or one of"):
+            TrainConfig(steps=1, weights=bad, lora=LoRAConfig())
 
 
 def test_trainer_over_fp8_keeps_the_base_packed_and_its_merged_export_equals_the_adapted_model(fp8_dir, tmp_path):

@@ -7,7 +7,7 @@ leading axes of W (layers, and experts: each expert has its own pair), and the m
 
 formed in float32 from `dense(W)` (a plain array, or an FP8 / NVFP4 base dequantised to its compute dtype)
 and cast back to that dtype. Training keeps the adapters separate (`train/lora.py`); loading a PEFT adapter
-(`checkpoints/peft.py`) and the merged export fold them in with `merged`.
+(`checkpoints/adapter.py`) and the merged export fold them in with `merged`.
 """
 
 from __future__ import annotations

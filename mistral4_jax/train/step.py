@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..checkpoints import scheme
 from ..model import moe, weights
 from ..model.hooks import Capture
 from ..errors import InputError
@@ -51,8 +52,9 @@ class TrainConfig:
     # None: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for float32 ones (`finetune` decides,
     # `checkpoints.load.stored_float_dtype`); the optimizer state is float32 either way
     param_dtype: str | None = None
-    # How `finetune` holds the frozen base: None (plain arrays in param_dtype) or a `from_pretrained(weights=...)`
-    # kind ("fp8": E4M3 with float32 scales) that LoRA trains over; full fine-tuning needs plain parameters
+    # How `finetune` holds the base: a `from_pretrained(weights=...)` preset (`checkpoints/scheme.py`): None (as
+    # stored: plain arrays in param_dtype, NVFP4 kept packed), "dense" (plain arrays), or "fp8" / "nvfp4" /
+    # "hybrid", a quantised frozen base that LoRA trains over; full fine-tuning needs plain parameters
     weights: str | None = None
     router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
     lora: LoRAConfig | None = None
@@ -63,9 +65,11 @@ class TrainConfig:
             raise InputError("steps, batch_size and loss_chunk must be >= 1 and max_len >= 2, got "
                              f"steps={self.steps}, batch_size={self.batch_size}, loss_chunk={self.loss_chunk}, "
                              f"max_len={self.max_len}")
-        if self.weights is not None and self.lora is None:
+        if self.weights is not None and (not isinstance(self.weights, str) or self.weights not in scheme.PRESETS):
+            raise InputError(f"weights must be None or one of {sorted(scheme.PRESETS)}, got {self.weights!r}")
+        if self.weights not in (None, "dense") and self.lora is None:
             raise InputError(f"weights={self.weights!r} keeps the base quantised and frozen, so only LoRA adapters can "
-                             "be trained over it: set lora (--lora-rank R), or weights=None for full fine-tuning")
+                             "be trained over it: set lora (--lora-rank R), or weights='dense' for full fine-tuning")
 
     @property
     def warmup(self) -> int:

@@ -15,8 +15,9 @@ A run whose OUT already holds checkpoints resumes from the latest one: the data 
 state and parameters come back exactly, so the next losses are those of an uninterrupted run. The
 hyperparameters must be the same (checked). Ctrl-C saves a checkpoint before exiting.
 
-LoRA trains over a base of any weight kind: `TrainConfig.weights="fp8"` loads the frozen base as FP8
-(`from_pretrained(weights=...)`), whose kernels are dequantised where they are read, one layer at a time.
+LoRA trains over a base of any weight kind: `TrainConfig.weights="fp8"` loads the frozen base as FP8, "nvfp4" /
+"hybrid" with NVFP4 experts (`from_pretrained(weights=...)`, `checkpoints/scheme.py`); its kernels are
+dequantised where they are read, one layer (one routed expert) at a time.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Trainer:
         if cfg.lora is None and packed:
             raise InputError(f"full fine-tuning updates every parameter, but {packed[0][0]} (and {len(packed) - 1} "
                              f"more) is a quantised {packed[0][1]}: train LoRA adapters over it (TrainConfig.lora, "
-                             "--lora-rank R) or load the model without weights=")
+                             "--lora-rank R) or load the model with weights=\"dense\"")
+        self.quantised = bool(packed)  # the base holds weight kinds (FP8, NVFP4)
         if cfg.lora is None:
             self.frozen, trainable = None, params
         else:
@@ -278,7 +280,7 @@ def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: st
             weights_arg = f", weights={cfg.weights!r}" if cfg.weights else ""
             log(f"wrote the LoRA adapter to {where} (PEFT format; loads with from_pretrained({str(model_dir)!r}"
                 f"{weights_arg}, adapter={str(where)!r}) and with peft on the transformers model)")
-        if cfg.lora is None or (cfg.weights is None if merged is None else merged):
+        if cfg.lora is None or (not trainer.quantised if merged is None else merged):
             trainer.export()
             copy_tokenizer(model_dir, out)
             log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
