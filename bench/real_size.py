@@ -360,7 +360,8 @@ def main(argv=None) -> list[Row]:
                 rows.append(measure(name, PROGRAMS[name], cfg, None if w == "bf16" else w, mesh))
     print(f"Mistral Small 4 at {args.layers} layers, jax {jax.__version__} ({jax.default_backend()})")
     print(table(rows))
-    print(concurrency(rows, cfg))
+    if concurrency(rows, cfg):
+        print(concurrency(rows, cfg))
     if any(r.devices == 1 and r.program.startswith("decode") for r in rows):
         print()
         print(card_plan(rows, cfg))
