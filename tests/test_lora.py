@@ -125,11 +125,21 @@ def test_the_weights_setting_is_from_pretrained_s_vocabulary():
             TrainConfig(steps=1, weights=bad, lora=LoRAConfig())
 
 
-def test_trainer_over_fp8_keeps_the_base_packed_and_its_merged_export_equals_the_adapted_model(fp8_dir, tmp_path):
-    lora = LoRAConfig(rank=4, alpha=8.0, targets=ALL)
-    cfg = TrainConfig(steps=3, lr=1e-2, batch_size=4, max_len=16, lora=lora, weights="fp8")
-    tr = Trainer(from_pretrained(fp8_dir, dtype="float32", weights="fp8"), _examples(), cfg, tmp_path / "run")
-    tr.run(progress=False)
+RUN = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, batch_size=4, max_len=16, weights="fp8",
+                  lora=LoRAConfig(rank=2, alpha=4.0, targets=ALL))
+
+
+@pytest.fixture(scope="module")
+def fp8_run(fp8_dir, tmp_path_factory):
+    """(trainer, per-step losses) of a short one-device LoRA run over the FP8 base (shared: one compile)."""
+    tr = Trainer(from_pretrained(fp8_dir, dtype="float32", weights="fp8"), _examples(), RUN,
+                 tmp_path_factory.mktemp("lora_run") / "run")
+    return tr, [m["loss"] for m in tr.run(progress=False)]
+
+
+def test_trainer_over_fp8_keeps_the_base_packed_and_its_merged_export_equals_the_adapted_model(fp8_run, tmp_path):
+    tr, _ = fp8_run
+    lora = RUN.lora
     assert sum(isinstance(v.get_value(), Fp8Weight) for _, v in nnx.to_flat_state(tr.frozen)) == 10
     adapted = apply_adapters(tr.frozen, tr.state["trainable"], lora.scale)
     ids = np.asarray([[1, 5, 30, 40, 50, 60, 70]])
@@ -156,19 +166,16 @@ def test_full_finetuning_over_a_quantised_base_is_refused(fp8_dir, tmp_path):
         Trainer(model, _examples(), TrainConfig(steps=1), tmp_path / "full")
 
 
-def test_lora_step_over_fp8_on_a_mesh_equals_one_device(fp8_dir, tmp_path):
+def test_lora_step_over_fp8_on_a_mesh_equals_one_device(fp8_dir, fp8_run, tmp_path):
     """Expert and tensor axes both split the FP8 base (an FP8 scale's size-1 input axis cannot be split: each
     leaf gets its own sharding). The loss of a batch sums 4 x 15 per-token terms: the gamma_n bound."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (virtual) devices")
-    lora = LoRAConfig(rank=2, alpha=4.0, targets=ALL)
-    cfg = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, batch_size=4, max_len=16, lora=lora, weights="fp8")
-    losses = []
-    for mesh in (None, make_mesh(4, tensor=2)):
-        model = from_pretrained(fp8_dir, dtype="float32", weights="fp8", mesh=mesh)
-        tr = Trainer(model, _examples(), cfg, tmp_path / f"m{mesh is None}", mesh=mesh)
-        losses.append([m["loss"] for m in tr.run(progress=False)])
-    n_summed = cfg.batch_size * 15
+    mesh = make_mesh(4, tensor=2)
+    model = from_pretrained(fp8_dir, dtype="float32", weights="fp8", mesh=mesh)
+    tr = Trainer(model, _examples(), RUN, tmp_path / "mesh", mesh=mesh)
+    losses = [fp8_run[1], [m["loss"] for m in tr.run(progress=False)]]
+    n_summed = RUN.batch_size * 15
     for a, b in zip(*losses):
         assert abs(a - b) <= n_summed * F32_U * a, losses
 
