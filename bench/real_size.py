@@ -1,11 +1,12 @@
 """The programs users run, compiled at the released model's size with abstract parameters (nothing allocated).
 
 For Mistral Small 4 (36 layers, 128 experts top-4, hidden 4096, vocabulary 131072; `--layers N` for fewer
-layers at the real width), bf16 and `weights="fp8"`, on one device or an N-device expert mesh, it compiles
+layers at the real width), bf16, `weights="fp8"`, `"nvfp4"` (the NVFP4 release's layout) and `"hybrid"` (NVFP4
+routed experts, FP8 the rest: the one-80-GB-card layout), on one device or an N-device expert mesh, it compiles
 the engine's own programs as `generate` runs them (`inference/engine.py`: decode steps over B slots of 32k
 rows; one 512-token prefill chunk into a 16k row, the last chunk of an 8k prompt), `score`'s batch program
-(`inference/score.py`) and a LoRA train step (`train/step.py`, rank 16, attention + experts, remat) and
-prints, per program:
+(`inference/score.py`) and the LoRA train step (`train/step.py`, rank 16, attention + experts or attention only,
+remat, over the base as `--weights` holds it) and prints, per program:
 
 - params / cache: bytes per device of the arguments (the parameters as they are held; the cache as laid out);
 - temp: XLA's `memory_analysis()` temporaries per device, with XLA:CPU's own copies removed (below);
@@ -31,7 +32,10 @@ weights, the cache) to f32: each bf16 program is also compiled in float32 (the "
 program, no widening), and temp is the twin's temp / 2. (3) The train step's temp is taken from the twin the
 same way. A GPU compile can still differ; these are XLA:CPU figures.
 
-    PYTHONPATH=$PWD python bench/real_size.py [--layers 36] [--mesh 1 8] [--weights bf16 fp8] [--json OUT]
+After the table, for every one-device decode row: how many tokens of latent cache an 80 GB card's pool holds
+beside the parameters and that step's temporaries.
+
+    PYTHONPATH=$PWD python bench/real_size.py [--layers 36] [--mesh 1 8] [--weights bf16 fp8 nvfp4 hybrid] [--json OUT]
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jaxpr_cost import program_cost  # noqa: E402
 
 from mistral4_jax import sharding as shard_lib  # noqa: E402
+from mistral4_jax.checkpoints import scheme  # noqa: E402
 from mistral4_jax.checkpoints.read import abstract_model, filled, flat_params  # noqa: E402
 from mistral4_jax.config import ModelConfig  # noqa: E402
 from mistral4_jax.inference import engine  # noqa: E402
 from mistral4_jax.inference.score import _score_batch  # noqa: E402
-from mistral4_jax.model import fp8, moe  # noqa: E402
+from mistral4_jax.model import moe  # noqa: E402
 from mistral4_jax.model.cache import cache_bytes_per_token  # noqa: E402
 from mistral4_jax.train.lora import LoRAConfig, init_adapters  # noqa: E402
 from mistral4_jax.train.step import TrainConfig, compile_step, init_state, make_optimizer  # noqa: E402
@@ -76,19 +81,14 @@ S = jax.ShapeDtypeStruct
 
 # ---------------------------------------------------------------------- abstract model
 def abstract(cfg: ModelConfig, dtype, weights, mesh):
-    """(graphdef, state) of the model with ShapeDtypeStruct leaves laid out as `from_pretrained` lays them out."""
+    """(graphdef, state) of the model with ShapeDtypeStruct leaves laid out as `from_pretrained` lays them out;
+    `weights` as `from_pretrained` takes it (`checkpoints/scheme.py`: "fp8", "nvfp4", "hybrid", ...)."""
     model = abstract_model(cfg, dtype)
     shardings = shard_lib.param_shardings(model, mesh) if mesh is not None else {}
-    keep = fp8.fp8_paths(model) if weights == "fp8" else set()
-    vals = {}
-    for path, var in flat_params(model):
-        shape, sh = tuple(var.shape), shardings.get(path)
-        if path in keep:
-            vals[path] = fp8.Fp8Weight(S(shape, jnp.uint8, sharding=sh),
-                                       S(fp8.scale_shape(shape), jnp.float32,
-                                         sharding=None if sh is None else fp8.scale_sharding(sh)), jnp.dtype(dtype).name)
-        else:
-            vals[path] = S(shape, var.dtype, sharding=sh)
+    params = flat_params(model)
+    targets = scheme.targets(params, weights, {})
+    vals = {path: scheme.abstract(targets.get(path), tuple(var.shape), var.dtype, shardings.get(path))
+            for path, var in params}
     return nnx.split(filled(model, vals))
 
 
@@ -174,10 +174,11 @@ class Row:
 def compile_both(build, dtype):
     """(the program compiled in `dtype`, its temp with XLA:CPU's bf16 widening removed, its context).
 
-    build(dtype) -> (lowered program, context: {"args", "params", "call"} for the read count)."""
+    build(dtype) -> (lowered program, context: {"args", "params", "call"} for the read count). The context gets
+    "direct_temp": the temp of the `dtype` compile itself (XLA:CPU's widening copies included)."""
     lowered, ctx = build(dtype)
     compiled = lowered.compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
+    temp = ctx["direct_temp"] = compiled.memory_analysis().temp_size_in_bytes
     if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
         temp = build(jnp.float32)[0].compile().memory_analysis().temp_size_in_bytes / 2
     return compiled, temp, ctx
@@ -232,9 +233,13 @@ def score_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=8192):
     return compile_both(build, dtype)
 
 
-def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16):
+def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16, targets=("attention", "experts")):
+    """The LoRA train step as `finetune` compiles it (`train.step.compile_step`): the frozen base as loaded
+    (weights="fp8": E4M3 bits + float32 scales, dequantised where read), float32 adapters, float32 AdamW moments,
+    remat on. The temp of the f32 twin halved counts the step's float32 temporaries (adapter gradients, optimizer
+    update) at half their size; the row's note gives the bf16 compile's own temp, an upper bound."""
     tcfg = TrainConfig(steps=10, max_len=length, batch_size=1, remat=True, param_dtype=jnp.dtype(dtype).name,
-                       lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets=("attention", "experts")))
+                       weights=weights, lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets))
     tx = make_optimizer(tcfg)
 
     def build(dt):
@@ -247,7 +252,7 @@ def train_program(cfg, weights, mesh, dtype=jnp.bfloat16, length=4096, rank=16):
         with shard_lib.mesh_context(mesh):
             # the adapters and AdamW moments count as "cache": the state besides the frozen base
             return step.lower(state, params, batch, None, None), dict(params=params, cache=state, tokens=length,
-                                                                      head=length)
+                                                                      head=length, train=True)
 
     return compile_both(build, dtype)
 
@@ -272,6 +277,8 @@ def measure(name, fn, cfg, weights, mesh) -> Row:
     art = cpu_artefacts(compiled, cfg)
     if art:
         note = (note + f" {art} f16/f8 stack buffers").strip()
+    if ctx.get("train") and ctx["direct_temp"] != temp:
+        note = (note + f" bf16 compile temp {ctx['direct_temp'] / GiB:.2f}").strip()
     row = Row(name, weights or "bf16", 1 if mesh is None else mesh.size, per_device(ctx["params"]) / GiB,
               per_device(ctx["cache"]) / GiB, temp / GiB, reads / 1e9, must / 1e9, flops / 1e9,
               2 * (matmul_params(cfg)[0] * tokens + matmul_params(cfg)[1] * ctx["head"]) / 1e9, note)
@@ -286,6 +293,7 @@ PROGRAMS = {
     "prefill 512 of 8k": insert_program,
     "score 8k": score_program,
     "LoRA r16 step 4k": train_program,
+    "LoRA r16 attention step 4k": lambda c, w, m: train_program(c, w, m, targets=("attention",)),
 }
 
 
@@ -317,11 +325,29 @@ def concurrency(rows: list[Row], cfg) -> str:
             f"with contiguous rows of 32k: {int(tokens // 32768)} of either.")
 
 
+def card_plan(rows: list[Row], cfg, pool: float = CARD80_POOL) -> str:
+    """For each one-device decode row: the latent-cache tokens one card's pool holds beside the parameters and
+    the step's temporaries (the cache of the compiled row itself not counted): what fits an 80 GB card."""
+    per_token = cache_bytes_per_token(cfg.text, jnp.bfloat16)
+    out = [f"One card, pool {pool / GiB:.1f} GiB; the latent cache costs {per_token:,} B per token (bf16):", "",
+           "| weights | program | params GiB | temp GiB | left for the cache GiB | cache tokens |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.devices != 1 or not r.program.startswith("decode"):
+            continue
+        left = pool - (r.params + r.temp) * GiB
+        tokens = f"{int(left // per_token):,}" if left > 0 else "none (does not fit)"
+        out.append(f"| {r.weights} | {r.program} | {r.params:.2f} | {r.temp:.2f} | {left / GiB:.2f} | {tokens} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--mesh", type=int, nargs="+", default=[1, 8], help="expert-axis sizes (1: one device)")
-    ap.add_argument("--weights", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    ap.add_argument("--weights", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16", "nvfp4", "hybrid"],
+                    help="as from_pretrained's weights= (bf16: None): nvfp4 = the NVFP4 release's layout (routed and "
+                         "shared experts NVFP4, the rest bf16); hybrid = NVFP4 routed experts, FP8 the rest")
     ap.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated names from: " + ", ".join(PROGRAMS))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -331,12 +357,14 @@ def main(argv=None) -> list[Row]:
         mesh = None if n == 1 else shard_lib.make_mesh(n, devices=jax.devices()[:n])
         for w in args.weights:
             for name in args.programs.split(","):
-                if name.startswith("LoRA") and n > 1 and w == "fp8":
-                    continue
                 rows.append(measure(name, PROGRAMS[name], cfg, None if w == "bf16" else w, mesh))
     print(f"Mistral Small 4 at {args.layers} layers, jax {jax.__version__} ({jax.default_backend()})")
     print(table(rows))
-    print(concurrency(rows, cfg))
+    if concurrency(rows, cfg):
+        print(concurrency(rows, cfg))
+    if any(r.devices == 1 and r.program.startswith("decode") for r in rows):
+        print()
+        print(card_plan(rows, cfg))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

@@ -21,6 +21,8 @@ from .memory import set_cli_allocator
 DTYPES = ("bfloat16", "float32", "float16")
 # checkpoints.convert.DTYPES, written out here so that building the parser imports no jax (a test keeps them equal)
 CONVERT_DTYPES = ("bfloat16", "float32", "float8")
+# from_pretrained(weights=...)'s presets (`checkpoints/scheme.PRESETS`; not imported here: it imports jax)
+WEIGHTS = ("fp8", "nvfp4", "hybrid", "dense")
 
 
 class UsageError(Exception):
@@ -65,9 +67,14 @@ def _add_mesh_arg(p) -> None:
 def _add_model_args(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (HF, Mistral-native or converted Orbax)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="parameter dtype (default bfloat16)")
-    p.add_argument("--weights", default=None, choices=["fp8"],
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="fp8: keep attention projections, MLPs and experts as E4M3 with float32 scales (about "
-                        "half the memory of bfloat16: the released model fits one H200)")
+                        "half the memory of bfloat16: the released model fits one H200); nvfp4: routed and shared "
+                        "experts as NVFP4; hybrid: routed experts NVFP4, the rest FP8 (fits an 80 GB card); "
+                        "dense: everything in --dtype. Default: as stored, FP8 dequantised, NVFP4 kept packed")
+    p.add_argument("--experts-from", metavar="DIR", default=None,
+                   help="take the routed experts from this safetensors checkpoint of the same model (e.g. the NVFP4 "
+                        "release beside the FP8 one)")
     _add_mesh_arg(p)
 
 
@@ -97,7 +104,8 @@ def _mesh(spec: str | None):
 def _load(args):
     from .checkpoints.load import from_pretrained
 
-    return from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh), weights=args.weights)
+    return from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh), weights=args.weights,
+                           experts_from=args.experts_from)
 
 
 def _text(value: str, flag: str) -> str:
@@ -416,8 +424,10 @@ def add_finetune(sub) -> None:
                        description="Trains with AdamW (warmup + cosine schedule, global-norm clipping) on "
                                    "JSONL lines {\"messages\": [...]} (assistant turns trained), {\"text\": ...} or "
                                    "{\"ids\": [...]}; writes Orbax checkpoints, a loss log and the fine-tuned model "
-                                   "(LoRA merged) to --out, which loads with from_pretrained. Rerunning with the same "
-                                   "--out resumes from the latest checkpoint.")
+                                   "(LoRA merged) to --out, which loads with from_pretrained; LoRA runs also write "
+                                   "--out/adapter, a PEFT LoRA adapter (from_pretrained(MODEL, adapter=OUT/adapter), "
+                                   "transformers + peft). Rerunning with the same --out resumes from the latest "
+                                   "checkpoint.")
     p.add_argument("--model", required=True, help="HF-layout checkpoint directory")
     p.add_argument("--data", required=True, help="JSONL training data")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -435,6 +445,15 @@ def add_finetune(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter dtype (default: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for "
                         "float32 ones; the optimizer state is float32 either way)")
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="how the base is held, as for chat: fp8, nvfp4 and hybrid keep it quantised and frozen and "
+                        "train LoRA over it (needs --lora-rank); fp8 keeps the attention projections, MLPs and "
+                        "experts as E4M3 with float32 scales, so LoRA on the released model fits one H200; dense: "
+                        "everything in --dtype. Default: as stored, FP8 dequantised, NVFP4 kept packed")
+    p.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA: also write the whole model with the adapters merged to --out (default: yes, except "
+                        "over a quantised base, where --out/adapter with from_pretrained(MODEL, weights=..., "
+                        "adapter=...) gives the same model without a dequantised copy)")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
     p.add_argument("--router-aux-weight", type=float, default=0.0, help="load-balancing loss weight (default off)")
     p.add_argument("--seed", type=int, default=0)
@@ -452,8 +471,10 @@ def run_finetune(args) -> int:
                           targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                       clip_norm=args.clip_norm, batch_size=args.batch_size, max_len=args.max_len, remat=args.remat,
-                      param_dtype=args.dtype, router_aux_weight=args.router_aux_weight, lora=lora, seed=args.seed)
-    finetune(args.model, args.data, args.out, cfg, mesh=_mesh(args.mesh), save_every=args.save_every)
+                      param_dtype=args.dtype, weights=args.weights, router_aux_weight=args.router_aux_weight, lora=lora,
+                      seed=args.seed)
+    finetune(args.model, args.data, args.out, cfg, mesh=_mesh(args.mesh), save_every=args.save_every,
+             merged=args.merged)
     return 0
 
 
@@ -468,6 +489,12 @@ def add_convert(sub) -> None:
     p.add_argument("--dtype", choices=CONVERT_DTYPES, default="bfloat16",
                    help="bfloat16 / float32: dequantise FP8 weights; float8: keep E4M3 weights and their scales "
                         "(default: bfloat16)")
+    p.add_argument("--experts", choices=["nvfp4"], default=None,
+                   help="write the routed experts as NVFP4 (quantised when the source holds them in another format; "
+                        "with --dtype float8 the one-80-GB-card hybrid). NVFP4 weights are always written packed")
+    p.add_argument("--experts-from", metavar="DIR", default=None,
+                   help="take the routed experts from this safetensors checkpoint of the same model, as stored "
+                        "(e.g. the NVFP4 release beside the FP8 one)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still go to stderr)")
     p.set_defaults(func=run_convert)
@@ -476,7 +503,8 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from .checkpoints.convert import convert  # JAX_PLATFORMS=cpu was set before jax was imported (_preimport)
 
-    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet, experts=args.experts,
+            experts_from=args.experts_from)
     return 0
 
 

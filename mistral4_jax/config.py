@@ -149,14 +149,27 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
 
+NVFP4_FORMAT = "nvfp4-pack-quantized"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """`quantization_config` of an FP8 checkpoint (docs/model.md 2.4): per-tensor E4M3 scales."""
+    """`quantization_config` of a quantised checkpoint: FP8 with per-tensor E4M3 scales (docs/model.md 2.4), or
+    compressed-tensors NVFP4 (`quant_method` "compressed-tensors", `format` "nvfp4-pack-quantized", 4-bit E2M1
+    weights with one E4M3 scale per `group_size` = 16 inputs; `ignore` lists the modules left in 16 bits;
+    docs/model.md 2.6)."""
 
     quant_method: str = "fp8"
     activation_scheme: str = "static"
     weight_block_size: tuple[int, int] | None = None
     modules_to_not_convert: tuple[str, ...] = ()
+    format: str | None = None
+    group_size: int | None = None
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def is_nvfp4(self) -> bool:
+        return self.quant_method == "compressed-tensors"
 
 
 @dataclass(frozen=True)
@@ -499,12 +512,45 @@ def _parse_vision(d: dict[str, Any], source: str) -> VisionConfig:
     return VisionConfig(**kw)
 
 
+def _parse_compressed_tensors(d: dict[str, Any], source: str) -> QuantConfig:
+    """A compressed-tensors config (docs/model.md 2.6): only NVFP4 weights are supported. Its schemes sit in
+    `config_groups` (llm-compressor's layout) or at the top level; `input_activations` (the W4A4 activation
+    scales) are not needed for a weight-only forward."""
+    status = d.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ConfigError(f"{source}: quantization_config.quantization_status {status!r} is not supported (expected "
+                          "'compressed': packed weights)")
+    groups = d.get("config_groups") or {"": d}
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{source}: quantization_config.config_groups must be an object")
+    formats = set()
+    for name, g in groups.items():
+        w = (g or {}).get("weights") or {}
+        where = "quantization_config" + (f".config_groups.{name}" if name else "")
+        got = (w.get("num_bits"), w.get("type"), w.get("group_size"))
+        if got != (4, "float", 16):
+            raise ConfigError(f"{source}: {where}.weights is num_bits {got[0]!r}, type {got[1]!r}, group_size "
+                              f"{got[2]!r}; only NVFP4 (num_bits 4, type 'float', group_size 16) is supported")
+        formats.add(g.get("format") or d.get("format") or NVFP4_FORMAT)
+    if formats != {NVFP4_FORMAT}:
+        raise ConfigError(f"{source}: quantization_config format {sorted(formats)} is not supported "
+                          f"(expected {NVFP4_FORMAT!r})")
+    ignore = d.get("ignore") or []
+    if not (isinstance(ignore, list) and all(isinstance(m, str) for m in ignore)):
+        raise ConfigError(f"{source}: quantization_config.ignore must be a list of str, got {_json_repr(ignore)}")
+    return QuantConfig(quant_method="compressed-tensors", activation_scheme="none", format=NVFP4_FORMAT, group_size=16,
+                       ignore=tuple(ignore))
+
+
 def _parse_quant(d: dict[str, Any] | None, source: str) -> QuantConfig | None:
     if not d:
         return None
     method = d.get("quant_method", "fp8")
+    if str(method).lower().replace("_", "-") == "compressed-tensors":
+        return _parse_compressed_tensors(d, source)
     if method != "fp8":
-        raise ConfigError(f"{source}: quantization_config.quant_method {method!r} is not supported (expected 'fp8')")
+        raise ConfigError(f"{source}: quantization_config.quant_method {method!r} is not supported (expected 'fp8', "
+                          "or 'compressed-tensors' with NVFP4 weights)")
     block = d.get("weight_block_size")
     return QuantConfig(
         quant_method=method,
@@ -567,7 +613,15 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "multimodal_projector_bias": cfg.multimodal_projector_bias,
             "spatial_merge_size": cfg.spatial_merge_size, "tie_word_embeddings": cfg.tie_word_embeddings,
         }
-    if cfg.quantization is not None:
+    if cfg.quantization is not None and cfg.quantization.is_nvfp4:
+        q = cfg.quantization
+        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": q.group_size,
+                   "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
+        out["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": q.format, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": q.format}},
+            "ignore": list(q.ignore)}
+    elif cfg.quantization is not None:
         q = cfg.quantization
         out["quantization_config"] = {
             "quant_method": q.quant_method, "activation_scheme": q.activation_scheme,

@@ -66,4 +66,5 @@ def check_params_fit(need_per_device: int, what: str) -> None:
     raise InputError(f"{what} need {gib(need_per_device)} per device, but the device's JAX pool has "
                      f"{gib(limit - in_use)} free of {gib(limit)} ({pool}). Set {MEM_FRACTION_VAR}="
                      f"{CLI_MEM_FRACTION} in the environment before JAX starts (the mistral4-jax command does), "
-                     "keep the weights in FP8 (weights='fp8'), or shard them over a mesh of several devices")
+                     "keep the weights in FP8 (weights='fp8') or with NVFP4 experts (weights='hybrid'), or shard them "
+                     "over a mesh of several devices")

@@ -164,6 +164,15 @@ def param_spec(path: str, axes: tuple[str | None, ...], shape: tuple[int, ...], 
     return PartitionSpec(*(_entry(m) for m in spec))
 
 
+def adapter_specs(path: str, axes: tuple[str | None, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                  mesh: Mesh) -> tuple[PartitionSpec, PartitionSpec]:
+    """PartitionSpecs of the LoRA factors of parameter `path` [..., in, out] with logical `axes`: A [..., in, r]
+    split like the weight's input side, B [..., r, out] like its output side, the rank axis replicated."""
+    *lead, d_in, d_out = axes
+    return (param_spec(f"{path} (LoRA A)", (*lead, d_in, None), tuple(a_shape), mesh),
+            param_spec(f"{path} (LoRA B)", (*lead, None, d_out), tuple(b_shape), mesh))
+
+
 def param_shardings(tree, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
     """{path: sharding} of every parameter of a module or state (an abstract model will do), from the
     logical axes it declares; without a mesh, every parameter on the default device.

@@ -1,6 +1,6 @@
 """The routed experts (`model/moe.py`): every dispatch path equals the dense reference, forward and backward,
-on routings that leave experts empty, full and unbalanced, for every weight kind (plain, FP8, LoRA over FP8,
-the layer view the scan hands the experts); expert parallelism on 8 devices equals one device; and a
+on routings that leave experts empty, full and unbalanced, for every weight kind (plain, FP8, LoRA over FP8
+and over NVFP4, the layer view the scan hands the experts); expert parallelism on 8 devices equals one device; and a
 compiled decode step holds no buffer the size of a layer's experts (what reading every expert leaves
 behind), where the ragged_dot path does.
 
@@ -19,11 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mistral4_jax.config import ModelConfig
 from mistral4_jax.inference import engine
-from mistral4_jax.model import fp8, moe, weights
+from mistral4_jax.model import fp8, moe, nvfp4, weights
 from mistral4_jax.model.mistral3 import Mistral3ForConditionalGeneration
-from mistral4_jax.train.lora import LoRAWeight
+from mistral4_jax.model.lora import LoRAWeight
 
-T, H, I, E, K = 37, 16, 8, 8, 3
+T, H, I, E, K = 37, 16, 16, 8, 3  # H and I: NVFP4 blocks are 16 inputs
 TOL = 1e-5
 
 
@@ -54,10 +54,13 @@ def expert_weights(kind: str, rng):
     dn = jnp.asarray(rng.standard_normal((E, I, H)) * 0.3, jnp.float32)
     if kind == "plain":
         return gu, dn
-    q1, q2 = fp8.quantize(gu), fp8.quantize(dn)
+    if kind == "lora_nvfp4":
+        q1, q2 = nvfp4.quantize(gu, column_groups=2), nvfp4.quantize(dn)
+    else:
+        q1, q2 = fp8.quantize(gu), fp8.quantize(dn)
     if kind == "fp8":
         return q1, q2
-    if kind == "lora_fp8":
+    if kind in ("lora_fp8", "lora_nvfp4"):
         def lora(q, d_in, d_out, seed):
             g = np.random.default_rng(seed)
             return LoRAWeight(q, jnp.asarray(g.standard_normal((E, d_in, 2)) * 0.2, jnp.float32),
@@ -69,7 +72,7 @@ def expert_weights(kind: str, rng):
     return stack(q1), stack(q2)
 
 
-@pytest.mark.parametrize("kind", ["plain", "fp8", "lora_fp8", "stacked"])
+@pytest.mark.parametrize("kind", ["plain", "fp8", "lora_fp8", "lora_nvfp4", "stacked"])
 @pytest.mark.parametrize("case", ["balanced", "empty", "one_full", "unbalanced", "single"])
 def test_every_path_equals_the_dense_reference(case, kind):
     rng = np.random.default_rng(0)
@@ -110,11 +113,13 @@ def test_routed_gradients_equal_dense(case):
         assert rel(a, b) < TOL, name
 
 
-def test_lora_adapter_gradients_through_an_fp8_base():
-    """The routed loop's VJP reaches LoRA factors over a frozen FP8 base (through `weights.dense`'s VJP)."""
+@pytest.mark.parametrize("kind", ["lora_fp8", "lora_nvfp4"])
+def test_lora_adapter_gradients_through_a_quantised_base(kind):
+    """The routed loop's VJP reaches LoRA factors over a frozen FP8 or NVFP4 base (through `weights.dense`'s VJP;
+    the packed codes and E4M3 bits get no cotangent)."""
     rng = np.random.default_rng(3)
     x, w, idx = routing("balanced", rng)
-    gu, dn = expert_weights("lora_fp8", rng)
+    gu, dn = expert_weights(kind, rng)
 
     def loss(impl):
         def f(a1, b1, a2, b2):

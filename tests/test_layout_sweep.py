@@ -272,6 +272,7 @@ def test_overwrite_of_a_file_leaves_nothing_behind(sources, tmp_path):
 
 def test_native_q_lora_rank_zero_is_a_plain_q_proj():
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "norm_eps": 1e-6, "vocab_size": 256, "q_lora_rank": 0,
-              "yarn": {"factor": 8.0, "original_max_position_embeddings": 32}, "moe": {}}
+              "yarn": {"factor": 8.0, "original_max_position_embeddings": 32}, "moe": {},
+              "rope_theta": 10000.0, "llama_4_scaling": {"beta": 0.1}}  # both required (docs/model.md 2.6)
     hf, _ = hf_config_dict(params)
     assert hf["q_lora_rank"] is None

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from mistral4_jax.checkpoints import names
-from mistral4_jax.checkpoints.read import abstract_model, param_shapes
+from mistral4_jax.checkpoints.read import abstract_model, layers_of, param_shapes, stacked_paths
 from mistral4_jax.config import ModelConfig
+from mistral4_jax.model.layers import text_stacks
 
 CONFIGS = {
     "tiny": ModelConfig.tiny(),
@@ -21,11 +22,12 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_round_trips(name, released):
     cfg = CONFIGS[name]
-    shapes = param_shapes(abstract_model(cfg, np.float32))
+    model = abstract_model(cfg, np.float32)
+    shapes, stacked = param_shapes(model), stacked_paths(model)
     n_vision = shapes.get("vision_tower/transformer/layers/attention_norm/weight", (None,))[0]
     seen = set()
     for path, shape in shapes.items():
-        for layer in (range(shape[0]) if names.is_stacked(path) else [None]):
+        for layer in layers_of(shape, path in stacked):
             disk, transform = names.disk_name(path, layer, cfg, released=released)
             assert disk not in seen
             seen.add(disk)
@@ -86,3 +88,22 @@ def test_scales_and_buffers_are_not_weights():
     assert names.scale_name("a.o_proj.weight") == "a.o_proj.weight_scale_inv" == names.scale_names("a.o_proj.weight")[0]
     assert names.scale_name("a.experts.down_proj") == "a.experts.down_proj_scale_inv" == \
         names.scale_names("a.experts.down_proj")[1]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_stacked_from_the_layers_axis_and_layer_numbers_from_the_stacks(name):
+    cfg = CONFIGS[name]
+    model = abstract_model(cfg, np.float32)
+    # the leading "layers" axis selects what the former path rule selected
+    assert stacked_paths(model) == {p for p in param_shapes(model) if "/layers/" in p or "/dense_layers/" in p}
+    stacks = text_stacks(cfg.text)
+    assert [(s.name, s.first, s.depth) for s in stacks] == [
+        (st, first, depth) for st, first, depth in (("dense_layers", 0, cfg.text.first_k_dense_replace),
+                                                   ("layers", cfg.text.first_k_dense_replace, cfg.text.num_moe_layers))
+        if depth]
+    assert [(s.first, s.depth) for s in stacks] == [
+        (first, depth) for _, first, depth in model.language_model.stacks()]
+    for absolute in range(cfg.text.num_hidden_layers):  # every layer read back at its (stack, index)
+        disk = f"language_model.model.layers.{absolute}.input_layernorm.weight"
+        slot = names.slot_of(disk, cfg, None)
+        assert names.absolute_layer(slot.path, slot.layer, cfg) == absolute

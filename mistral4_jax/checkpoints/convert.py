@@ -3,8 +3,15 @@
 HF or Mistral-native safetensors -> the sharded Orbax layout of
 `mistral4_jax.checkpoints.orbax`, in bounded memory.
 
-    mistral4-jax convert SRC DST [--dtype bfloat16|float32|float8] [--overwrite] [--quiet]
+    mistral4-jax convert SRC DST [--dtype bfloat16|float32|float8] [--experts nvfp4] [--experts-from DIR]
+                                 [--overwrite] [--quiet]
     python -m convert SRC DST ...               (the same command; its flags are defined in cli.py)
+
+NVFP4 weights (the NVFP4 release's experts) are written packed, whatever `--dtype`. `--experts nvfp4`
+writes the routed experts as NVFP4, quantising them when the source holds them in another format (the FP8
+release: with `--dtype float8`, the one-80-GB-card hybrid). `--experts-from DIR` takes the routed experts
+from another safetensors checkpoint of the same model (the NVFP4 release beside the FP8 one: the same
+hybrid, with the experts exactly as released).
 
 Design card:
 - Input is untrusted. Only `.safetensors` are read (headers validated, tensors memory-mapped); pickle
@@ -31,13 +38,14 @@ from pathlib import Path
 
 from ..errors import CheckpointError, Mistral4Error
 from . import orbax as ck
-from .load import open_safetensors
+from .load import expert_paths, experts_plan, open_safetensors
 from .native import is_native_dir
-from .read import param_shapes
+from .read import param_shapes, stacked_paths, stored_kinds
 from .safetensors_io import pickle_files, pickle_refusal
 from ..text.tokenizer import ASSET_FILES
 
 DTYPES = ("bfloat16", "float32", "float8")
+EXPERTS = ("nvfp4",)
 
 
 class ConvertError(Mistral4Error):
@@ -90,23 +98,34 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConvertError(f"{dst.parent}: the destination's parent directory does not exist")
 
 
-def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: bool = False) -> Path:
+def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: bool = False,
+            experts: str | None = None, experts_from=None) -> Path:
     """Convert the checkpoint directory `src` (HF or native layout) to the Orbax layout at `dst`.
 
     dtype: "bfloat16" / "float32" dequantise FP8 weights; "float8" keeps E4M3 weights and their scales
-    (other weights in bfloat16). Returns `dst`. Raises a `Mistral4Error` naming the file / tensor at fault;
-    `dst` then does not exist (or is untouched, when it existed)."""
+    (other weights in bfloat16). NVFP4 weights stay packed. experts: "nvfp4" writes the routed experts as
+    NVFP4 (quantised when stored otherwise). experts_from: a safetensors checkpoint of the same model whose
+    routed experts are written instead of `src`'s. Returns `dst`. Raises a `Mistral4Error` naming the file /
+    tensor at fault; `dst` then does not exist (or is untouched, when it existed)."""
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if experts not in (None, *EXPERTS):
+        raise ConvertError(f"--experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
     src, dst = Path(src), Path(dst)
     layout = source_layout(src)
+    if experts_from is not None:
+        source_layout(Path(experts_from))
     _check_destination(src, dst, overwrite)
     _clean_stale(dst)
     t0 = time.perf_counter()
-    cfg, model, plan = open_safetensors(src, "bfloat16" if dtype == "float8" else dtype)
+    load_dtype = "bfloat16" if dtype == "float8" else dtype
+    cfg, model, plan = open_safetensors(src, load_dtype)
+    if experts_from is not None:
+        plan = {**plan, **experts_plan(experts_from, model, load_dtype)}
     shapes = param_shapes(model)
-    specs = ck.array_specs(plan, shapes, dtype)
-    groups = ck.groups(shapes)
+    packed = set(stored_kinds(plan)) | (expert_paths(model) if experts == "nvfp4" else set())
+    specs = ck.array_specs(plan, shapes, dtype, packed)
+    groups = ck.groups(shapes, stacked_paths(model))
     total = sum(ck.slot_bytes(ps) for ps in plan.values())
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"convert: {src} ({layout} layout, {len(groups)} groups, {total / 2**30:.2f} GiB to read) -> {dst} ({dtype})")
@@ -115,7 +134,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "params").mkdir(parents=True)
-        _write_groups(tmp, groups, plan, shapes, dtype, total, quiet)
+        _write_groups(tmp, groups, plan, shapes, dtype, total, quiet, packed)
         _write_config(src, tmp, layout, cfg, dtype)
         for name in ASSET_FILES:
             if (src / name).is_file():
@@ -144,7 +163,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False, quiet: b
     return dst
 
 
-def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet: bool) -> None:
+def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet: bool, packed) -> None:
     from tqdm import tqdm
 
     np_dtype = "float8" if dtype == "float8" else dtype
@@ -152,7 +171,7 @@ def _write_groups(tmp: Path, groups, plan, shapes, dtype: str, total: int, quiet
               desc="convert", dynamic_ncols=True) as bar:
         for gdir, members in groups.items():
             bar.set_postfix_str(gdir)
-            tree = ck.group_tree(members, plan, shapes, np_dtype, progress=bar.update)
+            tree = ck.group_tree(members, plan, shapes, np_dtype, progress=bar.update, nvfp4_paths=packed)
             ck.save_tree(tmp / "params" / gdir, tree)
             del tree
 

@@ -16,8 +16,8 @@ import numpy as np
 from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model import fp8
-from . import native, orbax, read
+from . import adapter as adapter_lib
+from . import native, orbax, read, scheme
 from .plan import plan_checkpoint
 from .names import is_weight
 from .safetensors_io import hf_weight_files, index_files
@@ -42,7 +42,8 @@ def open_safetensors(path: str | os.PathLike, dtype, **config_overrides):
         cfg, index = load_config(path), index_files(hf_weight_files(path))
     cfg = read.with_overrides(cfg, config_overrides)
     model = read.abstract_model(cfg, dtype)
-    return cfg, model, plan_checkpoint(cfg, index, read.param_shapes(model), native=is_native)
+    plan = plan_checkpoint(cfg, index, read.param_shapes(model), read.stacked_paths(model), native=is_native)
+    return cfg, model, plan
 
 
 def stored_float_dtype(path: str | os.PathLike) -> str:
@@ -60,21 +61,65 @@ def stored_float_dtype(path: str | os.PathLike) -> str:
     return "float32" if wide * 2 > sum(n for _, n in sizes) else "bfloat16"
 
 
-def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides):
+def experts_plan(path: str | os.PathLike, model, dtype, **config_overrides) -> dict[str, list]:
+    """The plan of the routed experts (role "experts") of the safetensors checkpoint at `path`, which must
+    describe the same model as `model` (same parameter shapes)."""
+    if orbax.is_orbax_dir(path):
+        raise CheckpointError(f"{Path(path)}: experts_from must be a safetensors checkpoint (HF or Mistral-native), "
+                              "not a converted one")
+    _, other, plan = open_safetensors(path, dtype, **config_overrides)
+    paths = expert_paths(model)
+    want, got = read.param_shapes(model), read.param_shapes(other)
+    bad = [f"{p}: {list(got.get(p, ()))} there, {list(want[p])} here" for p in paths if got.get(p) != want[p]]
+    if bad:
+        raise CheckpointError(f"{Path(path)}: its routed experts do not fit this model:\n  " + "\n  ".join(bad))
+    return {p: plan[p] for p in paths}
+
+
+def expert_paths(model) -> set[str]:
+    """The routed experts' parameters (role "experts")."""
+    return {p for p, v in read.flat_params(model) if scheme.role(v) == "experts"}
+
+
+def from_pretrained(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, experts_from=None,
+                    adapter=None, **config_overrides):
     """Load a checkpoint directory into a `Mistral3ForConditionalGeneration` (an `nnx.Module`).
 
     path: an HF-format directory (`config.json` plus one `.safetensors` file or an index with shards),
-    a Mistral-native one (`params.json` plus `consolidated*.safetensors`) or an Orbax checkpoint written
-    by `mistral4-jax convert`; FP8 weights are dequantised to `dtype`. mesh: a `jax.sharding.Mesh` to
-    shard the parameters over (see `mistral4_jax.sharding`), or None for the default device.
-    weights: None, or "fp8" to keep the attention projections, shared / dense MLPs and routed experts as
-    E4M3 with float32 per-output-column scales (`mistral4_jax.model.fp8`; about half the bytes of bf16).
+    a Mistral-native one (`params.json` plus `consolidated*.safetensors`, FP8 or NVFP4) or an Orbax checkpoint
+    written by `mistral4-jax convert`. mesh: a `jax.sharding.Mesh` to shard the parameters over (see
+    `mistral4_jax.sharding`), or None for the default device.
+    weights: which parameters are held quantised and in which kind (`checkpoints/scheme.py`): None (the
+    default) reads every parameter in `dtype` (FP8 dequantised) except NVFP4 weights, which stay packed;
+    "dense" dequantises NVFP4 too; "fp8" keeps the attention projections, shared / dense MLPs and routed
+    experts as E4M3 with float32 per-output-column scales (`mistral4_jax.model.fp8`); "nvfp4" holds the
+    routed and shared experts as NVFP4 (`mistral4_jax.model.nvfp4`); "hybrid" the routed experts as NVFP4
+    and the rest as FP8; or {role: kind}. Weights stored as NVFP4 stay NVFP4 unless "dense" or a dict says
+    otherwise.
+    experts_from: another safetensors checkpoint of the same model whose routed experts replace those of
+    `path`, e.g. the NVFP4 release's beside the FP8 release: `from_pretrained(fp8_dir, weights="fp8",
+    experts_from=nvfp4_dir)` is the hybrid of FP8 attention and shared expert with the NVFP4 experts as
+    released.
+    adapter: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. the
+    `OUT/adapter` of a LoRA `finetune`, or one saved by peft for the transformers model) applied on top
+    (`checkpoints/adapter.py`): merged into plain weights, kept beside quantised ones (an FP8 or NVFP4 base stays
+    packed).
     config_overrides: port switches of the text config, e.g. `apply_yarn_mscale=True` or `expert_impl="dense"`.
     """
     mesh = shard_lib.as_auto_mesh(mesh)
     dtype = read.resolve_dtype(dtype)
-    fp8.check_weights(weights)
+    scheme.check(weights)
+    if adapter is not None:
+        adapter_lib.read_config(adapter)  # a bad adapter fails before the base is read
     if orbax.is_orbax_dir(path):
-        return orbax.restore(path, dtype, mesh, weights, **config_overrides)
-    _, model, plan = open_safetensors(path, dtype, **config_overrides)
-    return read.read_params(model, plan, dtype, mesh, weights, Path(path))
+        replace = None
+        if experts_from is not None:
+            model = read.abstract_model(orbax.config_of(path, **config_overrides), dtype)
+            replace = experts_plan(experts_from, model, dtype, **config_overrides)
+        model = orbax.restore(path, dtype, mesh, weights, replace=replace, **config_overrides)
+    else:
+        _, model, plan = open_safetensors(path, dtype, **config_overrides)
+        if experts_from is not None:
+            plan = {**plan, **experts_plan(experts_from, model, dtype, **config_overrides)}
+        model = read.read_params(model, plan, dtype, mesh, weights, Path(path))
+    return model if adapter is None else adapter_lib.load_adapter(model, adapter, mesh, donate=True)

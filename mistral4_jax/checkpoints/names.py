@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..model.layers import DENSE_STACK, MOE_STACK, text_stacks
 
 
 # ---------------------------------------------------------------------- layout transforms
@@ -101,12 +102,18 @@ EXPORT_PREFIXES = {"text": "model.language_model.", "head": "lm_head.", "vision"
                    "projector": "model.multi_modal_projector."}
 TEXT_ONLY_EXPORT_PREFIXES = {"text": "model.", "head": "lm_head."}
 
-# Tensors that carry no information for a bf16/fp32 forward (static FP8 activation scales, buffers).
-IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|\.qscale_act|rotary_emb\.inv_freq)$")
-# FP8 weight scales: read with their weight, never on their own.
-SCALES = re.compile(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale|qscale_weight)$")
+# Tensors that carry no information for a bf16/fp32 forward (static FP8 activation scales, NVFP4's W4A4 input
+# scales, buffers).
+IGNORED = re.compile(r"(\.activation_scale|_activation_scale|\.input_scale|\.qscale_act|\.input_global_scale"
+                     r"|rotary_emb\.inv_freq)$")
+# FP8 weight scales and NVFP4 block / global scales: read with their weight, never on their own.
+SCALES = re.compile(r"(weight_scale_inv|_scale_inv|weight_scale|_proj_scale|qscale_weight|weight_global_scale)$")
+# An NVFP4 weight (compressed-tensors' nvfp4-pack-quantized, docs/model.md 2.6): `X.weight_packed` holds the
+# codes of the matrix every row names as `X.weight`, with `X.weight_scale` and `X.weight_global_scale` beside it.
+NVFP4_PACKED = ".weight_packed"
 
-TEXT_STACKS = ("language_model/dense_layers", "language_model/layers")
+TEXT = "language_model/"  # the text model's module path; its layer stacks are `layers.text_stacks`
+TEXT_STACKS = (TEXT + DENSE_STACK, TEXT + MOE_STACK)  # what `{stack}` in a row's path stands for
 
 _ATTN = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -251,6 +258,22 @@ def is_weight(name: str) -> bool:
     return not (IGNORED.search(name) or SCALES.search(name))
 
 
+def is_packed(name: str) -> bool:
+    """Whether an on-disk tensor holds NVFP4 codes (its matrix is `nvfp4_matrix(name)`)."""
+    return name.endswith(NVFP4_PACKED)
+
+
+def nvfp4_matrix(name: str) -> str:
+    """The name the rows know an NVFP4 matrix by: `X.weight` for the codes `X.weight_packed`."""
+    return name[: -len(NVFP4_PACKED)] + ".weight"
+
+
+def nvfp4_names(name: str) -> tuple[str, str]:
+    """(block scale, global scale) tensor names of the NVFP4 codes `name`."""
+    stem = name[: -len(NVFP4_PACKED)]
+    return f"{stem}.weight_scale", f"{stem}.weight_global_scale"
+
+
 def scale_names(name: str) -> tuple[str, ...]:
     """The names an FP8 weight's scale may have, in the order they are looked for."""
     stem = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -279,8 +302,11 @@ def slot_of(name: str, cfg: ModelConfig, n_vision: int | None, native: bool = Fa
     """The slot an on-disk tensor fills; SKIP for a tensor nothing reads; None when no row fits.
 
     n_vision: the vision layers the model holds (blocks after vision_feature_layer are never used).
-    native: `name` is in Mistral's native layout (renamed to its HF name first)."""
+    native: `name` is in Mistral's native layout (renamed to its HF name first). NVFP4 codes (`X.weight_packed`)
+    fill the slot of their matrix `X.weight`."""
     interleaved = False
+    if is_packed(name):
+        name = nvfp4_matrix(name)
     if native:
         renamed = native_to_hf(name)
         if renamed is None:
@@ -298,11 +324,10 @@ def slot_of(name: str, cfg: ModelConfig, n_vision: int | None, native: bool = Fa
         layer = int(g["l"]) if g.get("l") is not None else None
         fmt = dict(g)
         if part == "text" and layer is not None:
-            if layer >= cfg.text.num_hidden_layers:
+            found = next((s for s in text_stacks(cfg.text) if s.first <= layer < s.first + s.depth), None)
+            if found is None:  # past the last layer
                 return None
-            k = cfg.text.first_k_dense_replace
-            fmt["stack"] = TEXT_STACKS[0] if layer < k else TEXT_STACKS[1]
-            layer = layer if layer < k else layer - k
+            fmt["stack"], layer = TEXT + found.name, layer - found.first
         if part == "vision" and layer is not None and (n_vision is None or layer >= n_vision):
             return SKIP
         transform = row.transform
@@ -314,23 +339,20 @@ def slot_of(name: str, cfg: ModelConfig, n_vision: int | None, native: bool = Fa
 
 
 # ---------------------------------------------------------------------- writing: a parameter -> its name
-def split_stack(path: str) -> tuple[str, str] | None:
-    """(stack, path inside one layer) of a stacked parameter, e.g. ('language_model/layers', 'mlp/gate/kernel')."""
-    if not is_stacked(path):
-        return None
+def split_stack(path: str) -> tuple[str, str]:
+    """(stack module, path inside one layer) of a stacked parameter (one whose leading axis is "layers",
+    `layers.is_stacked`), e.g. ('language_model/layers', 'mlp/gate/kernel'): the stack is the module the
+    stacking `nnx.vmap` created, the last `layers` / `dense_layers` attribute on the path."""
     parts = path.split("/")
-    i = max(k for k, p in enumerate(parts) if p in ("layers", "dense_layers"))
+    i = max(k for k, p in enumerate(parts) if p in (DENSE_STACK, MOE_STACK))
     return "/".join(parts[: i + 1]), "/".join(parts[i + 1:])
 
 
-def is_stacked(path: str) -> bool:
-    return "/layers/" in path or "/dense_layers/" in path
-
-
 def absolute_layer(path: str, layer: int, cfg: ModelConfig) -> int:
-    """The on-disk layer number of layer `layer` of stacked parameter `path` (the MoE text layers follow
-    the first_k_dense_replace dense ones)."""
-    return layer + (cfg.text.first_k_dense_replace if path.startswith(TEXT_STACKS[1] + "/") else 0)
+    """The on-disk layer number of layer `layer` of stacked parameter `path`: its text stack's first layer
+    (`layers.text_stacks`) plus `layer`; vision layers are numbered in their own stack."""
+    stack = split_stack(path)[0]
+    return layer + next((s.first for s in text_stacks(cfg.text) if TEXT + s.name == stack), 0)
 
 
 def disk_name(path: str, layer: int | None, cfg: ModelConfig, released: bool = False) -> tuple[str, Transform]:

@@ -43,6 +43,17 @@ def hf_config_dict(params: dict, source: str = "params.json") -> tuple[dict, dic
         raise ConfigError(f"{source}: expected a JSON object")
     moe = _need(params, "moe", source)
     yarn = _need(params, "yarn", source)
+    # Read, never defaulted: the sources disagree on rope_theta (10000 or 1e7, docs/model.md 2.6), and a wrong
+    # theta or query scale changes every position's attention.
+    rope_theta = _need(params, "rope_theta", source)
+    llama4 = _need(params, "llama_4_scaling", source)
+    if not isinstance(llama4, dict) or "beta" not in llama4:
+        raise ConfigError(f"{source}: missing 'llama_4_scaling.beta'")
+    l0 = llama4.get("original_max_position_embeddings")
+    if l0 is not None and l0 != _need(yarn, "original_max_position_embeddings", source, "yarn."):
+        raise ConfigError(f"{source}: llama_4_scaling.original_max_position_embeddings ({l0}) differs from "
+                          f"yarn.original_max_position_embeddings ({yarn['original_max_position_embeddings']}); the "
+                          "query scale uses the latter (docs/model.md 3.3.4)")
     rope_dim, nope_dim = params.get("qk_rope_head_dim", 64), params.get("qk_nope_head_dim", 64)
     text = {
         "model_type": "mistral4",
@@ -59,12 +70,12 @@ def hf_config_dict(params: dict, source: str = "params.json") -> tuple[dict, dic
         "routed_scaling_factor": moe.get("routed_scale", 1.0), "n_group": moe.get("num_expert_groups", 1),
         "topk_group": moe.get("num_expert_groups_per_tok", 1), "norm_topk_prob": True,
         "rope_parameters": {
-            "rope_type": "yarn", "rope_theta": params.get("rope_theta", 10000.0),
+            "rope_type": "yarn", "rope_theta": float(rope_theta),
             "factor": float(_need(yarn, "factor", source, "yarn.")),
             "original_max_position_embeddings": _need(yarn, "original_max_position_embeddings", source, "yarn."),
             "beta_fast": float(yarn.get("beta", 32.0)), "beta_slow": float(yarn.get("alpha", 1.0)),
             "mscale": 1.0, "mscale_all_dim": 1.0,
-            "llama_4_scaling_beta": (params.get("llama_4_scaling") or {}).get("beta", 0.1),
+            "llama_4_scaling_beta": float(llama4["beta"]),
             "partial_rotary_factor": rope_dim / (rope_dim + nope_dim),
         },
     }
@@ -76,14 +87,18 @@ def hf_config_dict(params: dict, source: str = "params.json") -> tuple[dict, dic
     overrides = {"apply_yarn_mscale": True} if yarn.get("apply_scale", False) else {}
     quant = params.get("quantization") or {}
     qcfg = None
-    if quant.get("qformat_weight") == "fp8_e4m3":
+    if str(quant.get("quant_method", "")).lower().replace("_", "-") == "compressed-tensors":
+        # llm-compressor's config, passed through as vLLM does (docs/model.md 2.6); config.py checks it is NVFP4
+        qcfg = dict(quant, quant_method="compressed-tensors")
+    elif quant.get("qformat_weight") == "fp8_e4m3":
         if quant.get("qscheme_act", "TENSOR") != "TENSOR":
             raise ConfigError(f"{source}: quantization.qscheme_act {quant.get('qscheme_act')!r} is not supported "
                               "(expected 'TENSOR')")
         qcfg = {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
                 "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"]}
     elif quant:
-        raise ConfigError(f"{source}: quantization {quant} is not supported (expected qformat_weight 'fp8_e4m3')")
+        raise ConfigError(f"{source}: quantization {quant} is not supported (expected qformat_weight 'fp8_e4m3', or "
+                          "quant_method 'compressed-tensors' with NVFP4 weights)")
     ve = params.get("vision_encoder")
     if ve is None:
         out = dict(text, architectures=["Mistral4ForCausalLM"])

@@ -36,29 +36,34 @@ from flax import nnx
 from .. import sharding as shard_lib
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model import fp8
-from . import read
+from ..model import fp8, nvfp4
+from . import read, scheme
 from .names import COPY, split_stack
 from .plan import Piece
 from .safetensors_io import DTYPES as ST_DTYPES
 
 FORMAT = "mistral4_jax/orbax-layers"
-VERSION = 1
+VERSION = 2  # 2 added NVFP4 arrays ("kind": "nvfp4"); a checkpoint without any is still written as version 1
+NVFP4 = "nvfp4"
+NVFP4_PARTS = ("params", "block_scales", "global_scales")  # trees of an NVFP4 parameter's three leaves
 MARKER = "mistral4_jax.json"
 OTHER = "other"
 
 
 # ---------------------------------------------------------------------- groups
-def groups(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, int | None]]]:
-    """{group directory (relative to params/): [(parameter path, layer or None)]}, in loading order."""
+def groups(shapes: dict[str, tuple[int, ...]], stacked: frozenset[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """{group directory (relative to params/): [(parameter path, layer or None)]}, in loading order.
+
+    stacked: the parameters with a leading layer axis (`read.stacked_paths`); each of their layers goes to
+    its stack's group of that layer."""
     out: dict[str, list[tuple[str, int | None]]] = {OTHER: []}
     for path, shape in shapes.items():
-        st = split_stack(path)
-        if st is None:
+        if path not in stacked:
             out[OTHER].append((path, None))
             continue
+        stack = split_stack(path)[0]
         for layer in range(shape[0]):
-            out.setdefault(group_dir(st[0], layer), []).append((path, layer))
+            out.setdefault(group_dir(stack, layer), []).append((path, layer))
     return out
 
 
@@ -66,9 +71,9 @@ def group_dir(stack: str, layer: int) -> str:
     return f"{stack.replace('/', '.')}/{layer:05d}"
 
 
-def tree_key(path: str) -> list[str]:
-    st = split_stack(path)
-    return (st[1] if st else path).split("/")
+def tree_key(path: str, layer: int | None) -> list[str]:
+    """The keys of a parameter in its group's tree: its path inside one layer for a layer of a stacked one."""
+    return (path if layer is None else split_stack(path)[1]).split("/")
 
 
 def _nest(tree: dict, keys: list[str], value) -> None:
@@ -98,17 +103,26 @@ def slot_bytes(pieces: list[Piece]) -> int:
     return sum(p.file.nbytes(p.key) for p in pieces)
 
 
-def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype, progress=None) -> dict:
+def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype, progress=None,
+               nvfp4_paths=frozenset()) -> dict:
     """The Orbax tree of one group, read slot by slot; `progress(nbytes)` after each slot. The values are
     the host (CPU) jax arrays `read.read_slot` returns: Orbax writes those without the defensive copy it
     makes of numpy arrays.
 
     dtype: a numpy dtype to dequantise to, or "float8": a weight stored as E4M3 with per-tensor /
-    per-expert scales stays E4M3 and gets its per-output-column scale; any other keeps its source dtype."""
-    tree: dict = {"params": {}, "scales": {}}
+    per-expert scales stays E4M3 and gets its per-output-column scale; any other keeps its source dtype.
+    nvfp4_paths: parameters written as NVFP4 whatever `dtype` (`read.nvfp4_slot`: kept when stored so,
+    quantised otherwise): codes in "params", block scales in "block_scales", global scales in "global_scales"."""
+    tree: dict = {"params": {}, "scales": {}, "block_scales": {}, "global_scales": {}}
     for path, layer in members:
         pieces = read.slot_pieces(plan[path], layer)
         slot_shape = shapes[path] if layer is None else shapes[path][1:]
+        if path in nvfp4_paths:
+            for part, leaf in zip(NVFP4_PARTS, read.nvfp4_slot(path, pieces, slot_shape)):
+                _nest(tree[part], tree_key(path, layer), leaf)
+            if progress is not None:
+                progress(slot_bytes(pieces))
+            continue
         if dtype == "float8":
             if read.block_scaled(pieces):
                 raise CheckpointError(f"{pieces[0].file.path}: tensor {pieces[0].key!r} has block-wise scales; "
@@ -117,20 +131,23 @@ def group_tree(members, plan: dict[str, list[Piece]], shapes: dict[str, tuple], 
             value, scale = read.read_slot(pieces, slot_shape, kept_dtype(pieces), keep_fp8=keep)
         else:
             value, scale = read.read_slot(pieces, slot_shape, np.dtype(dtype))
-        _nest(tree["params"], tree_key(path), value)
+        _nest(tree["params"], tree_key(path, layer), value)
         if scale is not None:
-            _nest(tree["scales"], tree_key(path), scale)
+            _nest(tree["scales"], tree_key(path, layer), scale)
         if progress is not None:
             progress(slot_bytes(pieces))
-    if not tree["scales"]:
-        del tree["scales"]
-    return tree
+    return {k: v for k, v in tree.items() if v or k == "params"}
 
 
-def array_specs(plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype) -> dict[str, dict]:
-    """{parameter path: {"shape", "dtype", "scaled"}} of what a conversion to `dtype` writes (full shapes)."""
+def array_specs(plan: dict[str, list[Piece]], shapes: dict[str, tuple], dtype,
+                nvfp4_paths=frozenset()) -> dict[str, dict]:
+    """{parameter path: {"shape", "dtype", "scaled"[, "kind"]}} of what a conversion to `dtype` writes (full
+    shapes; an NVFP4 parameter's "shape" is its logical one, "dtype" that of its codes, "kind" "nvfp4")."""
     out = {}
     for path, shape in shapes.items():
+        if path in nvfp4_paths:
+            out[path] = {"shape": list(shape), "dtype": "uint8", "scaled": False, "kind": NVFP4}
+            continue
         if dtype == "float8":
             scaled = read.keeps_fp8(plan[path])
             dt = "float8_e4m3fn" if scaled else kept_dtype(plan[path]).name
@@ -150,7 +167,10 @@ def save_tree(directory: Path, tree: dict) -> None:
 
 
 def write_marker(directory: Path, cfg_overrides: dict, dtype: str, specs: dict[str, dict]) -> None:
-    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config_overrides": cfg_overrides, "arrays": specs}
+    # version 1 unless an array needs version 2's reader (NVFP4 leaves), so that older readers still open
+    # everything they can restore
+    version = VERSION if any(s.get("kind") == NVFP4 for s in specs.values()) else 1
+    meta = {"format": FORMAT, "version": version, "dtype": dtype, "config_overrides": cfg_overrides, "arrays": specs}
     (directory / MARKER).write_text(json.dumps(meta, indent=1))
 
 
@@ -160,19 +180,23 @@ def read_marker(directory: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint marker ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} checkpoint marker")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in range(1, VERSION + 1):
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint marker of version 1 to {VERSION} (a newer "
+                              "mistral4_jax may have written it)")
     return meta
 
 
 def verify(directory: str | os.PathLike, specs: dict[str, dict]) -> list[str]:
-    """Every expected array (and scale) present in the Orbax metadata with its shape and dtype; problems found."""
+    """Every expected array (and scale) present in the Orbax metadata with its shape and dtype; problems found.
+    Which arrays are stacked comes from the model the directory's config.json describes."""
     import orbax.checkpoint as ocp
 
     shapes = {p: tuple(s["shape"]) for p, s in specs.items()}
+    stacked = read.stacked_paths(read.abstract_model(ModelConfig.from_json_file(Path(directory) / "config.json"),
+                                                     np.float32))
     problems = []
     with ocp.StandardCheckpointer() as ckptr:
-        for gdir, members in groups(shapes).items():
+        for gdir, members in groups(shapes, stacked).items():
             where = Path(directory) / "params" / gdir
             try:
                 tree = ckptr.metadata(where.absolute()).item_metadata.tree
@@ -185,9 +209,11 @@ def verify(directory: str | os.PathLike, specs: dict[str, dict]) -> list[str]:
                 want = [("params", shape, spec["dtype"])]
                 if spec["scaled"]:
                     want.append(("scales", fp8.scale_shape(shape), "float32"))
+                if spec.get("kind") == NVFP4:
+                    want = list(zip(NVFP4_PARTS, nvfp4.packed_shapes(shape), ("uint8", "uint8", "float32")))
                 for part, shp, dt in want:
                     try:
-                        m = _get(tree[part], tree_key(path))
+                        m = _get(tree[part], tree_key(path, layer))
                     except (KeyError, TypeError):
                         problems.append(f"{where}: missing {part} array {path}")
                         continue
@@ -202,61 +228,93 @@ def is_orbax_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).exists()
 
 
-def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, **config_overrides) -> nnx.Module:
+def _stored(got: dict, spec: dict, path: str, layer: int | None, dtype):
+    """One restored slot as the checkpoint holds it: NVFP4 leaves, E4M3 values with their scale, or an array."""
+    key = tree_key(path, layer)
+    if spec.get("kind") == NVFP4:
+        return nvfp4.Nvfp4Weight(*(_get(got[part], key) for part in NVFP4_PARTS), dtype.name)
+    if spec["scaled"]:
+        return fp8.Fp8Weight.of_e4m3(_get(got["params"], key), _get(got["scales"], key), dtype.name)
+    return _get(got["params"], key)
+
+
+def _as_kind(value, kind: str | None, dtype, path: str):
+    """A restored slot held as `kind` (None: an array in `dtype`): kept when it already is one, else
+    dequantised (FP8 in float32 as the direct loader does, NVFP4 as compressed-tensors does) and re-quantised."""
+    if kind is None:
+        if isinstance(value, fp8.Fp8Weight):
+            return read.to_layout(fp8.e4m3(value.q), value.scale, COPY, dtype)
+        return value.dense() if isinstance(value, nvfp4.Nvfp4Weight) else value.astype(dtype)
+    if kind == "fp8" and not isinstance(value, fp8.Fp8Weight):
+        w = value.dense().astype(np.float32) if isinstance(value, nvfp4.Nvfp4Weight) else value
+        return jax.jit(fp8.quantize)(w)
+    if kind == NVFP4 and not isinstance(value, nvfp4.Nvfp4Weight):
+        w = read.to_layout(fp8.e4m3(value.q), value.scale, COPY, np.float32) if isinstance(value, fp8.Fp8Weight) \
+            else value.astype(np.float32)
+        return jax.jit(nvfp4.quantize, static_argnums=(1, 2))(w, np.float32, read.column_groups(path))
+    return value
+
+
+def config_of(path: str | os.PathLike, **config_overrides) -> ModelConfig:
+    """The config of a converted checkpoint: its config.json with the marker's and the caller's port switches."""
+    return read.with_overrides(ModelConfig.from_json_file(Path(path) / "config.json"),
+                               {**read_marker(path).get("config_overrides", {}), **config_overrides})
+
+
+def restore(path: str | os.PathLike, dtype="bfloat16", mesh=None, weights=None, replace=None,
+            **config_overrides) -> nnx.Module:
     """A converted checkpoint as a `Mistral3ForConditionalGeneration`, each array restored on its sharding.
 
-    weights="fp8": the parameters tagged `fp8` become `fp8.Fp8Weight`s (kept E4M3 arrays with
-    their scales; arrays converted to another dtype are quantised per output column)."""
+    weights: which parameters are held in which kind (`scheme.py`, as `from_pretrained`): arrays stored in that
+    kind are kept as they are (E4M3 values with their scales, NVFP4 leaves), others are quantised on the
+    device. replace: {parameter path: [Piece]} of parameters read from safetensors instead (`from_pretrained`'s
+    `experts_from`)."""
     import orbax.checkpoint as ocp
 
-    fp8.check_weights(weights)
+    scheme.check(weights)
     path = Path(path)
     dtype = read.resolve_dtype(dtype)
-    meta = read_marker(path)
-    cfg = read.with_overrides(ModelConfig.from_json_file(path / "config.json"),
-                              {**meta.get("config_overrides", {}), **config_overrides})
-    specs = meta["arrays"]
+    cfg, specs = config_of(path, **config_overrides), read_marker(path)["arrays"]
     model = read.abstract_model(cfg, dtype)
     shapes = read.param_shapes(model)
     bad = [f"{p}: checkpoint has {specs[p]['shape'] if p in specs else 'nothing'}, the config needs {list(s)}"
            for p, s in shapes.items() if p not in specs or tuple(specs[p]["shape"]) != s]
     if bad:
         raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(bad))
-    shardings, keep_fp8 = read.planned_shardings(model, mesh, weights, path)
-    scale_shardings = {p: fp8.scale_sharding(shardings[p]) for p in shapes if specs[p]["scaled"] or weights == "fp8"}
-    values: dict[str, jax.Array] = {}
-    scales: dict[str, jax.Array] = {}  # FP8 parameters (weights="fp8"): values[p] holds E4M3 bits, scales[p] float32
+    replace = replace or {}
+    stored = {p: NVFP4 for p, s in specs.items() if s.get("kind") == NVFP4 and p not in replace}
+    stored.update(read.stored_kinds(replace))
+    targets = scheme.targets(read.flat_params(model), weights, stored)
+    shardings = read.planned_shardings(model, mesh, targets, path)
+    values = read.read_values(model, replace, dtype, shardings, targets, paths=set(replace)) if replace else {}
+    full = {p: scheme.abstract(targets.get(p), shapes[p], dtype, shardings[p]) for p in shapes if p not in replace}
+    acc: dict[str, list[dict]] = {p: [{} for _ in jax.tree.leaves(v)] for p, v in full.items()}
 
     def at(sharding, layer):
         return sharding if layer is None else shard_lib.drop_leading_axis(sharding)
 
     with ocp.StandardCheckpointer() as ckptr:
-        for gdir, members in groups(shapes).items():
-            target: dict = {"params": {}, "scales": {}}
+        for gdir, members in groups(shapes, read.stacked_paths(model)).items():
+            members = [(p, layer) for p, layer in members if p not in replace]
+            if not members:
+                continue
+            target: dict = {}
             for p, layer in members:
-                shp = shapes[p] if layer is None else shapes[p][1:]
-                _nest(target["params"], tree_key(p),
-                      jax.ShapeDtypeStruct(shp, np.dtype(specs[p]["dtype"]), sharding=at(shardings[p], layer)))
-                if specs[p]["scaled"]:
-                    _nest(target["scales"], tree_key(p), jax.ShapeDtypeStruct(
-                        fp8.scale_shape(shp), np.float32, sharding=at(scale_shardings[p], layer)))
-            if not target["scales"]:
-                del target["scales"]
+                shp, sh, spec = shapes[p] if layer is None else shapes[p][1:], at(shardings[p], layer), specs[p]
+                if spec.get("kind") == NVFP4:
+                    parts = zip(NVFP4_PARTS, nvfp4.packed_shapes(shp), (np.uint8, np.uint8, np.float32),
+                                nvfp4.leaf_shardings(sh, shp))
+                else:
+                    parts = [("params", shp, np.dtype(spec["dtype"]), sh)]
+                    if spec["scaled"]:
+                        parts.append(("scales", fp8.scale_shape(shp), np.float32, fp8.scale_sharding(sh)))
+                for part, s, dt, psh in parts:
+                    _nest(target.setdefault(part, {}), tree_key(p, layer), jax.ShapeDtypeStruct(s, dt, sharding=psh))
             got = ckptr.restore((path / "params" / gdir).absolute(), target)
             for p, layer in members:
-                x = _get(got["params"], tree_key(p))
-                s = _get(got["scales"], tree_key(p)) if specs[p]["scaled"] else None
-                if p in keep_fp8:
-                    if s is None:
-                        w = jax.jit(fp8.quantize)(x)
-                        x, s = w.q, w.scale
-                    x = fp8.bits(x)
-                    read.assemble(scales, p, layer, s, fp8.scale_shape(shapes[p]), scale_shardings[p])
-                elif s is not None:
-                    x = read.to_layout(x, s, COPY, dtype)
-                elif x.dtype != dtype:
-                    x = x.astype(dtype)
-                read.assemble(values, p, layer, x, shapes[p], shardings[p])
-    for p in keep_fp8:
-        values[p] = fp8.Fp8Weight(values[p], scales[p], dtype.name)
+                value = _as_kind(_stored(got, specs[p], p, layer, dtype), targets.get(p), dtype, p)
+                for into, leaf, whole in zip(acc[p], jax.tree.leaves(value), jax.tree.leaves(full[p])):
+                    read.assemble(into, p, layer, leaf, whole.shape, whole.sharding)
+    for p, v in full.items():
+        values[p] = jax.tree.unflatten(jax.tree.structure(v), [a[p] for a in acc[p]])
     return read.filled(model, values)

@@ -2,9 +2,9 @@
 
 Names and layouts come from the inverse of the loader's table (`names.disk_name`), in the
 transformers 5 spelling (`model.language_model.*`, `lm_head.*`, ...), so the directory also loads in
-transformers. Tensors are written unquantised, in the parameters' dtype, in shards of at most
-`shard_bytes`; files are written under temporary names and renamed last, so a crash leaves no
-directory that looks complete.
+transformers. Tensors are written unquantised, in the parameters' dtype (a weight kind, FP8 or LoRA, as its
+dense value), in shards of at most `shard_bytes`; files are written under temporary names and renamed last,
+so a crash leaves no directory that looks complete.
 """
 
 from __future__ import annotations
@@ -19,19 +19,40 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from ..config import ModelConfig
-from .names import disk_name, is_stacked
+from ..model import weights
+from ..model.layers import is_stacked
+from .names import disk_name
+
+
+@jax.jit
+def _dense_at(w, idx: tuple):
+    return weights.dense(weights.index(w, *idx))
+
+
+def _dense_host(w, idx: tuple) -> np.ndarray:
+    """dense(w[idx]) of a weight kind on the host, formed one [in, out] matrix at a time (an FP8 or LoRA layer's
+    experts one by one), so the device never holds more than one matrix of it in the export dtype."""
+    lead = tuple(w.shape[len(idx):-2])
+    mats = [np.asarray(jax.device_get(_dense_at(w, (*idx, *j)))) for j in np.ndindex(lead)]
+    return np.stack(mats).reshape(*lead, *mats[0].shape)
 
 
 def hf_tensors(params: nnx.State, cfg: ModelConfig):
-    """Yield (HF name, numpy array in the on-disk layout) for every parameter; stacked ones per layer."""
+    """Yield (HF name, numpy array in the on-disk layout) for every parameter; stacked ones per layer. A weight
+    kind is written as its `dense()` (FP8 dequantised, LoRA merged: W + scale * A @ B), in its compute dtype."""
     for p, v in nnx.to_flat_state(params):
         path = "/".join(map(str, p))
-        x = v.get_value() if isinstance(v, nnx.Variable) else v
-        x = np.asarray(jax.device_get(x))
-        layers = range(x.shape[0]) if is_stacked(path) else [None]
+        x = v.get_value()
+        layers = range(x.shape[0]) if is_stacked(v) else [None]
+        if not weights.is_kind(x):
+            x = np.asarray(jax.device_get(x))
         for layer in layers:
             name, transform = disk_name(path, layer, cfg)
-            yield name, np.ascontiguousarray(transform.to_disk(x if layer is None else x[layer]))
+            if weights.is_kind(x):
+                value = _dense_host(x, () if layer is None else (layer,))
+            else:
+                value = x if layer is None else x[layer]
+            yield name, np.ascontiguousarray(transform.to_disk(value))
 
 
 def save_pretrained(params: nnx.State, cfg: ModelConfig, path: str | os.PathLike,

@@ -30,9 +30,10 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]
     slots = []
     model = read.abstract_model(cfg, np.float32)
     stored_fp8 = fp8.fp8_paths(model)
+    stacked = read.stacked_paths(model)
     for i, (path, shape) in enumerate(read.param_shapes(model).items()):
         part = next(k for k, p in enumerate(_PARTS) if path.startswith(p))
-        for layer in (range(shape[0]) if names.is_stacked(path) else [None]):
+        for layer in read.layers_of(shape, path in stacked):
             name, transform = names.disk_name(path, layer, cfg, released=True)
             absolute = -1 if layer is None else names.absolute_layer(path, layer, cfg)
             disk = transform.disk_shape(shape if layer is None else shape[1:])

@@ -19,10 +19,10 @@ movement), which reads every expert of every layer per call. Slicing bytes and r
 (`bitcast_convert_type`, free on every backend) keeps the work to the routed experts everywhere. Checkpoints
 keep E4M3 on disk; `of_e4m3` turns loaded E4M3 arrays into bits.
 
-Which parameters are kept in FP8: those created with the `fp8=True` tag (`layers.param_meta`; read by
+Which parameters may be kept in FP8: those created with the `fp8=True` tag (`layers.param_meta`; read by
 `fp8_paths`): the attention projections, the shared-expert and dense-layer MLPs and the routed experts
-of the text decoder layers. Embeddings, norms, the router, the lm_head and the vision tower stay in the
-model dtype.
+of the text decoder layers; `checkpoints/scheme.py` decides from `from_pretrained(weights=...)` which of them
+are. Embeddings, norms, the router, the lm_head and the vision tower stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -38,15 +38,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-
-WEIGHTS = (None, "fp8")  # from_pretrained(weights=...): None keeps every parameter in `dtype`
-
-
-def check_weights(weights) -> None:
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be None (every parameter in dtype) or 'fp8' (E4M3 projections and "
-                         f"experts with float32 scales), got {weights!r}")
-
 
 def fp8_paths(tree) -> set[str]:
     """Paths of the parameters of a module or state that weights="fp8" keeps in E4M3 (tagged `fp8=True`)."""
@@ -110,6 +101,14 @@ class Fp8Weight:
     @property
     def nbytes(self) -> int:
         return int(self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize)
+
+    @classmethod
+    def abstract(cls, shape: tuple[int, ...], dtype, sharding=None) -> Fp8Weight:
+        """ShapeDtypeStruct leaves of a kernel of `shape` (nothing allocated), laid out like `sharding`."""
+        return cls(jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding),
+                   jax.ShapeDtypeStruct(scale_shape(shape), jnp.float32,
+                                        sharding=None if sharding is None else scale_sharding(sharding)),
+                   jnp.dtype(dtype).name)
 
 
 def dequantize(q_bits: jax.Array, scale: jax.Array, dtype) -> jax.Array:

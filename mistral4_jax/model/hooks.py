@@ -18,7 +18,7 @@ as `nnx.Intermediate` values, the scanned stacks return them stacked on the laye
 `Probe.collect` pops them.
 
 Layer axes: hidden states and the residual patch points run over all L layers (plus the embeddings);
-router outputs and the expert mask over the MoE layers only (layers first_k_dense_replace..L-1), as
+router outputs and the expert mask over the MoE layers only (the `layers` stack, `layers.moe_stack`), as
 transformers' `output_router_logits`.
 """
 
@@ -34,6 +34,7 @@ from flax import nnx
 
 from ..config import TextConfig
 from ..errors import InputError
+from .layers import moe_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,13 @@ class Intervention:
 
 
 def _layer_mask(cfg: TextConfig, experts: dict[int, list[int]], enabled: bool) -> np.ndarray:
-    first, e = cfg.first_k_dense_replace, cfg.n_routed_experts
-    mask = np.ones((cfg.num_moe_layers, e), bool)
+    first, n = moe_stack(cfg)[1:]
+    e = cfg.n_routed_experts
+    mask = np.ones((n, e), bool)
     for layer, ids in experts.items():
-        if not first <= layer < cfg.num_hidden_layers:
+        if not first <= layer < first + n:
             raise InputError(f"expert mask: layer {layer} is not a MoE layer (those are {first}.."
-                             f"{cfg.num_hidden_layers - 1})")
+                             f"{first + n - 1})")
         bad = [i for i in ids if not 0 <= i < e]
         if bad:
             raise InputError(f"expert mask: layer {layer}: expert ids {bad} outside [0, {e})")

@@ -14,12 +14,13 @@ A stacked layer's parameters get the leading "layers" axis from the `nnx.vmap` t
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..config import TextConfig
 from . import ops
 
 init_normal = nnx.initializers.normal(0.02)  # every weight matrix starts as N(0, 0.02^2)
@@ -97,7 +98,41 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
+def is_stacked(var: nnx.Variable) -> bool:
+    """Whether a parameter belongs to a layer stack: its leading logical axis is the stack's "layers" axis
+    (the metadata `stack_layers` adds), whatever its path."""
+    axes = var.get_metadata().get("out_sharding") or ()
+    return len(axes) > 0 and axes[0] == STACK_AXIS
+
+
 def layer_at(stack: nnx.Module, i: int) -> nnx.Module:
     """Layer `i` of a stacked module, as an ordinary module (a view for inspection and tests)."""
     graphdef, state = nnx.split(stack)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+
+class LayerStack(NamedTuple):
+    """One stack of decoder layers: the `Mistral4Model` attribute holding it, the absolute number of its
+    first layer and its depth."""
+
+    name: str
+    first: int
+    depth: int
+
+
+DENSE_STACK, MOE_STACK = "dense_layers", "layers"
+
+
+def text_stacks(cfg: TextConfig) -> tuple[LayerStack, ...]:
+    """The layer stacks of the text model in the order they run (empty ones left out): the one place that
+    turns absolute layer numbers into (stack, index) and back. Layers before `first_k_dense_replace` use a
+    dense MLP and live in `dense_layers`; the MoE layers follow in `layers`."""
+    k = cfg.first_k_dense_replace
+    stacks = (LayerStack(DENSE_STACK, 0, k), LayerStack(MOE_STACK, k, cfg.num_hidden_layers - k))
+    return tuple(s for s in stacks if s.depth)
+
+
+def moe_stack(cfg: TextConfig) -> LayerStack:
+    """The stack of the MoE layers (depth 0 when there are none): what router captures, expert masks and
+    expert statistics are indexed by."""
+    return next((s for s in text_stacks(cfg) if s.name == MOE_STACK), LayerStack(MOE_STACK, cfg.num_hidden_layers, 0))

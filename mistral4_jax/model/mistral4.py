@@ -30,7 +30,8 @@ from ..errors import InputError
 from ..sharding import ACT_BTD, constrain
 from .cache import Cache, write_layer
 from .hooks import NO_HOOKS, Hooks
-from .layers import Mistral4MLP, RMSNorm, init_normal, linear, param, param_meta, stack_layers
+from .layers import (DENSE_STACK, MOE_STACK, Mistral4MLP, RMSNorm, init_normal, linear, param, param_meta, stack_layers,
+                     text_stacks)
 
 
 class Mistral4TopkRouter(nnx.Module):
@@ -312,19 +313,15 @@ class Mistral4Model(nnx.Module):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       embedding_init=init_normal, embedding_metadata=param_meta(("vocab", None)),
                                       rngs=rngs)
-        k = cfg.first_k_dense_replace
-        self.dense_layers = (stack_layers(lambda r: Mistral4DecoderLayer(cfg, True, dtype, r), k, rngs)
-                             if k else None)
-        n = cfg.num_moe_layers
-        self.layers = stack_layers(lambda r: Mistral4DecoderLayer(cfg, False, dtype, r), n, rngs) if n else None
+        made = {s.name: stack_layers(lambda r, dense=s.name == DENSE_STACK: Mistral4DecoderLayer(cfg, dense, dtype, r),
+                                     s.depth, rngs) for s in text_stacks(cfg)}
+        self.dense_layers = made.get(DENSE_STACK)
+        self.layers = made.get(MOE_STACK)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def stacks(self) -> list[tuple[nnx.Module, int, int]]:
         """(stack, absolute index of its first layer, depth) of each layer stack, in the order they run."""
-        c = self.cfg
-        pairs = ((self.dense_layers, 0, c.first_k_dense_replace),
-                 (self.layers, c.first_k_dense_replace, c.num_moe_layers))
-        return [p for p in pairs if p[0] is not None]
+        return [(getattr(self, s.name), s.first, s.depth) for s in text_stacks(self.cfg)]
 
     def rope(self, positions_bt: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """cos/sin [B, T, rope/2] of the text YaRN RoPE at absolute per-row positions, built once per

@@ -1,7 +1,7 @@
 """What a matmul reads: a weight is a plain array or a *kind*, one small protocol for every format.
 
-A kind is a registered pytree dataclass (FP8 `fp8.Fp8Weight`, LoRA `train.lora.LoRAWeight`, the
-layer view `Stacked` below) with two rules:
+A kind is a registered pytree dataclass (FP8 `fp8.Fp8Weight`, NVFP4 `nvfp4.Nvfp4Weight`, LoRA over any
+other `lora.LoRAWeight`, the layer view `Stacked` below) with two rules:
 
 - every array leaf shares the weight's leading axes (layers, experts), so a slice of a weight along
   them is a slice of each leaf: `index(w, e)` and `take(w, idx)` work for any kind, and a kind stays

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..inference.batching import batch_bucket, pow2
 from ..inputs import check_int, validate_ids
 from ..model.hooks import Capture, Intervention
+from ..model.layers import moe_stack
 from ..sharding import batch_divisor, mesh_context, model_mesh, to_global
 
 
@@ -123,7 +124,8 @@ def expert_load(model, sequences: Sequence[Sequence[int]], batch_size: int = 8, 
             c, w = _count_batch(graphdef, state, *(to_global(x, mesh, ("batch",)) for x in (ids, mask)), intervene)
         counts += np.asarray(jax.device_get(c))
         weight += np.asarray(jax.device_get(w))
-    return ExpertLoad(layers=list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)),
+    moe = moe_stack(cfg)
+    return ExpertLoad(layers=list(range(moe.first, moe.first + moe.depth)),
                       counts=np.rint(counts).astype(np.int64), weight=weight,
                       tokens=sum(len(p) for p in pieces), top_k=cfg.num_experts_per_tok)
 

@@ -10,7 +10,8 @@ with the matmul batched over the leading axes (layers, and experts for the route
 expert gets its own adapter pair).
 
 W_eff is formed where the model reads the weight: a targeted parameter's value is replaced by a
-`LoRAWeight` pytree (W, A, B) whose `[...]` read returns W_eff. Stacked layers run under
+`LoRAWeight` pytree (W, A, B) whose `[...]` read returns W_eff (the weight kind of `model/lora.py`; W may
+itself be a kind, e.g. a frozen FP8 base, dequantised at the same place). Stacked layers run under
 `jax.lax.scan`, which slices every leaf of that pytree, so W_eff exists for one layer at a time
 inside the scan body (and, with remat, is recomputed in the backward pass), never for the whole
 model. The model code is unchanged: every module reads its weights with `param[...]`.
@@ -18,7 +19,8 @@ model. The model code is unchanged: every module reads its weights with `param[.
 Which weights a target group adapts is declared where each parameter is created (the `lora=GROUP` tag of
 `model/layers.py`): "attention" (the six attention projections of every decoder layer), "shared_experts",
 "experts" (the routed experts of the MoE layers) and "dense_mlp" (the MLPs of the dense layers).
-Adapters are keyed by the adapted parameter's path.
+Adapters are keyed by the adapted parameter's path; `checkpoints/adapter.py` writes and reads them as PEFT
+LoRA adapters (per module of the transformers tree).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import InputError
-from ..model import weights
 from ..model.layers import LORA_GROUPS
+from ..model.lora import LoRAWeight, effective_weight, merge  # noqa: F401  (the kind lives with the model)
 
 DEFAULT_TARGETS = ("attention",)
 
@@ -53,36 +55,6 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class LoRAWeight:
-    """A weight kind (`model/weights.py`) read as W + scale * A @ B (A [..., in, r], B [..., r, out]); the
-    base W is a plain array or another kind (FP8), `scale` is static."""
-
-    w: object
-    a: jax.Array
-    b: jax.Array
-    scale: float = dataclasses.field(metadata=dict(static=True))
-
-    def dense(self) -> jax.Array:
-        return effective_weight(weights.dense(self.w), self.a, self.b, self.scale)
-
-    def __getitem__(self, key):
-        if key is not Ellipsis:
-            raise TypeError("a LoRA weight is read whole, as param[...]")
-        return self.dense()
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w.shape)
-
-
-def effective_weight(w, a, b, scale: float) -> jax.Array:
-    """W + scale * A @ B, computed in float32 and cast to W's dtype."""
-    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-    return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
 def init_adapters(params: nnx.State, cfg: LoRAConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, dict]:
@@ -111,9 +83,11 @@ def apply_adapters(params: nnx.State, adapters: dict[str, dict], scale: float) -
 
 
 def merge_adapters(params: nnx.State, adapters: dict[str, dict], scale: float) -> nnx.State:
-    """The base parameters with the adapters folded in (W_eff), for export; same dtypes as the base."""
-    merged = jax.jit(lambda ads, ws: {k: effective_weight(ws[k], ad["a"], ad["b"], scale) for k, ad in ads.items()})
-    base = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(params) if "/".join(map(str, p)) in adapters}
-    new = merged(adapters, base)
-    return nnx.from_flat_state([(p, v.replace(new["/".join(map(str, p))]) if "/".join(map(str, p)) in new else v)
-                                for p, v in nnx.to_flat_state(params)])
+    """The base parameters with the adapters folded in (W_eff = dense(W) + scale * A @ B), for export: an adapted
+    parameter becomes a plain array in its compute dtype (an FP8 base is dequantised to its `dtype`), formed one
+    matrix at a time (`model.lora.merged`); the others are kept as they are (an unadapted FP8 weight stays FP8)."""
+    flat = []
+    for p, v in nnx.to_flat_state(params):
+        ad = adapters.get("/".join(map(str, p)))
+        flat.append((p, v if ad is None else v.replace(merge(v.get_value(), ad["a"], ad["b"], scale))))
+    return nnx.from_flat_state(flat)

@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..model import moe
+from ..checkpoints import scheme
+from ..model import moe, weights
 from ..model.hooks import Capture
 from ..errors import InputError
 from .. import sharding as shard_lib
@@ -51,6 +52,10 @@ class TrainConfig:
     # None: bfloat16 for checkpoints stored in 16-bit or FP8, float32 for float32 ones (`finetune` decides,
     # `checkpoints.load.stored_float_dtype`); the optimizer state is float32 either way
     param_dtype: str | None = None
+    # How `finetune` holds the base: a `from_pretrained(weights=...)` preset (`checkpoints/scheme.py`): None (as
+    # stored: plain arrays in param_dtype, NVFP4 kept packed), "dense" (plain arrays), or "fp8" / "nvfp4" /
+    # "hybrid", a quantised frozen base that LoRA trains over; full fine-tuning needs plain parameters
+    weights: str | None = None
     router_aux_weight: float = 0.0  # load-balancing loss weight (off, as for the released model)
     lora: LoRAConfig | None = None
     seed: int = 0
@@ -60,6 +65,11 @@ class TrainConfig:
             raise InputError("steps, batch_size and loss_chunk must be >= 1 and max_len >= 2, got "
                              f"steps={self.steps}, batch_size={self.batch_size}, loss_chunk={self.loss_chunk}, "
                              f"max_len={self.max_len}")
+        if self.weights is not None and (not isinstance(self.weights, str) or self.weights not in scheme.PRESETS):
+            raise InputError(f"weights must be None or one of {sorted(scheme.PRESETS)}, got {self.weights!r}")
+        if self.weights not in (None, "dense") and self.lora is None:
+            raise InputError(f"weights={self.weights!r} keeps the base quantised and frozen, so only LoRA adapters can "
+                             "be trained over it: set lora (--lora-rank R), or weights='dense' for full fine-tuning")
 
     @property
     def warmup(self) -> int:
@@ -176,22 +186,38 @@ def train_step(state, frozen, batch, pixel_values=None, image_sizes=None, *, gra
 
 # ---------------------------------------------------------------------- sharding
 def _param_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
-    """The sharding of each parameter from the logical axes it declares, as a tree like `params`."""
+    """The sharding of each parameter from the logical axes it declares, as a tree like `params` (a weight
+    kind's value gets one sharding per leaf: `_leaf_shardings`)."""
     sh = shard_lib.param_shardings(params, mesh)
-    return nnx.from_flat_state([(p, v.replace(sh["/".join(map(str, p))])) for p, v in nnx.to_flat_state(params)])
+    return nnx.from_flat_state([(p, v.replace(_leaf_shardings(v.get_value(), sh["/".join(map(str, p))])))
+                                for p, v in nnx.to_flat_state(params)])
+
+
+def _leaf_shardings(value, sharding: NamedSharding):
+    """`sharding` for a plain array; for a weight kind (FP8 bits and scales, `model/weights.py`), a tree like it
+    whose leaves keep the weight's split on the axes where they have the weight's size and are replicated on
+    the others (an FP8 scale's size-1 input axis; packed axes)."""
+    if not weights.is_kind(value):
+        return sharding
+    shape = tuple(value.shape)
+    spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
+
+    def one(leaf):
+        same = leaf.ndim == len(shape)
+        return NamedSharding(sharding.mesh, PartitionSpec(*(s if same and n == m else None
+                                                            for s, n, m in zip(spec, leaf.shape, shape))))
+
+    return jax.tree.map(one, value)
 
 
 def _adapter_shardings(adapters: dict[str, dict], frozen: nnx.State, mesh: Mesh) -> dict[str, dict]:
     """A [..., in, r] is split like its weight's input side, B [..., r, out] like its output side; the
-    rank axis is replicated."""
+    rank axis is replicated (`sharding.adapter_specs`)."""
     axes = shard_lib.param_axes(frozen)
 
     def one(path, ad):
-        *lead, d_in, d_out = axes[path]
-        return {"a": NamedSharding(mesh, shard_lib.param_spec(f"{path} (LoRA A)", (*lead, d_in, None),
-                                                               ad["a"].shape, mesh)),
-                "b": NamedSharding(mesh, shard_lib.param_spec(f"{path} (LoRA B)", (*lead, None, d_out),
-                                                               ad["b"].shape, mesh))}
+        sa, sb = shard_lib.adapter_specs(path, axes[path], ad["a"].shape, ad["b"].shape, mesh)
+        return {"a": NamedSharding(mesh, sa), "b": NamedSharding(mesh, sb)}
 
     return {path: one(path, ad) for path, ad in adapters.items()}
 

@@ -2,7 +2,11 @@
 
 Output directory layout:
 
-    OUT/config.json, OUT/model*.safetensors   the fine-tuned model (LoRA merged), for `from_pretrained`
+    OUT/config.json, OUT/model*.safetensors   the fine-tuned model (LoRA merged), for `from_pretrained`; by
+                                              default not for LoRA over a quantised base (`finetune(merged=)`)
+    OUT/adapter/                              LoRA runs: the adapters as a PEFT LoRA adapter
+                                              (adapter_config.json + adapter_model.safetensors), for
+                                              `from_pretrained(BASE, adapter=OUT/adapter)`, transformers + peft, vLLM
     OUT/checkpoints/<step>/                   Orbax train state (trainable tree, optimizer state, step,
                                               RNG key) and JSON metadata (data position, seed, config)
     OUT/train_log.jsonl                       one line per step: step, loss, ce, aux, grad_norm, lr, tokens
@@ -10,6 +14,10 @@ Output directory layout:
 A run whose OUT already holds checkpoints resumes from the latest one: the data position, optimizer
 state and parameters come back exactly, so the next losses are those of an uninterrupted run. The
 hyperparameters must be the same (checked). Ctrl-C saves a checkpoint before exiting.
+
+LoRA trains over a base of any weight kind: `TrainConfig.weights="fp8"` loads the frozen base as FP8, "nvfp4" /
+"hybrid" with NVFP4 experts (`from_pretrained(weights=...)`, `checkpoints/scheme.py`); its kernels are
+dequantised where they are read, one layer (one routed expert) at a time.
 """
 
 from __future__ import annotations
@@ -27,12 +35,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ..errors import InputError
+from ..checkpoints.adapter import save_adapter
 from ..checkpoints.load import from_pretrained, load_config, stored_float_dtype
 from ..checkpoints.save import save_pretrained
+from ..model import weights
 from ..sharding import as_auto_mesh, mesh_context
 from ..text.tokenizer import ASSET_FILES, Tokenizer
 from . import data as data_lib
-from .lora import init_adapters, merge_adapters
+from .lora import apply_adapters, init_adapters
 from .step import TrainConfig, batch_sharding, compile_step, init_state, make_optimizer, state_shardings
 
 
@@ -45,6 +55,12 @@ def _run_config(cfg: TrainConfig) -> dict:
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _MEMORY_ONLY}
     d["lora"] = None if cfg.lora is None else {**dataclasses.asdict(cfg.lora), "targets": list(cfg.lora.targets)}
     return d
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's settings with those it predates (a field added since, e.g. `weights`) at their defaults."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in _MEMORY_ONLY}
+    return {**{k: v for k, v in fields.items() if k not in saved}, **saved}
 
 
 def _step_of(line: str | bytes) -> int | None:
@@ -67,6 +83,13 @@ class Trainer:
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = make_optimizer(cfg)
         self.key = jax.random.key(cfg.seed)
+        packed = [("/".join(map(str, p)), type(v.get_value()).__name__) for p, v in nnx.to_flat_state(params)
+                  if weights.is_kind(v.get_value())]
+        if cfg.lora is None and packed:
+            raise InputError(f"full fine-tuning updates every parameter, but {packed[0][0]} (and {len(packed) - 1} "
+                             f"more) is a quantised {packed[0][1]}: train LoRA adapters over it (TrainConfig.lora, "
+                             "--lora-rank R) or load the model with weights=\"dense\"")
+        self.quantised = bool(packed)  # the base holds weight kinds (FP8, NVFP4)
         if cfg.lora is None:
             self.frozen, trainable = None, params
         else:
@@ -74,8 +97,10 @@ class Trainer:
             trainable = init_adapters(params, cfg.lora, jax.random.fold_in(self.key, 1))
         state = init_state(trainable, self.tx)
         self.step_fn = compile_step(self.graphdef, cfg, self.tx, mesh, state, self.frozen)
-        if mesh is not None:
-            state = jax.device_put(state, state_shardings(state, self.tx, mesh, self.frozen))
+        # Committed to where the step leaves it (one device: the default one), so that the second step does
+        # not compile the program again for arguments placed differently from the first's.
+        state = jax.device_put(state, jax.devices()[0] if mesh is None else
+                               state_shardings(state, self.tx, mesh, self.frozen))
         self.state = state
         self.position = 0  # global index of the next example (epochs follow each other)
         self._unlogged = None  # the metrics of a finished step whose log line is not written yet
@@ -114,7 +139,7 @@ class Trainer:
         leaves, treedef = jax.tree.flatten(tree)
         target = {f"l{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for i, x in enumerate(leaves)}
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["config"] != _run_config(self.cfg):
+        if _with_defaults(meta["config"]) != _run_config(self.cfg):
             raise InputError(f"{self.out / 'checkpoints'}: holds a run with other settings ({meta['config']}); "
                              "use another --out directory or the same settings")
         got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
@@ -191,11 +216,22 @@ class Trainer:
         return history
 
     def export(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the current model (adapters merged into the base) to `path` (default OUT)."""
+        """Write the current model (adapters merged into the base) to `path` (default OUT), in the parameters'
+        dtype; a quantised base is written dequantised. Each adapted matrix is merged as it is written
+        (`save.hf_tensors`), so the export needs no second copy of the model on the devices."""
         params = self.state["trainable"]
         if self.cfg.lora is not None:
-            params = merge_adapters(self.frozen, params, self.cfg.lora.scale)
+            params = apply_adapters(self.frozen, params, self.cfg.lora.scale)
         return save_pretrained(params, self.model_config, path or self.out)
+
+    def export_adapter(self, path: str | os.PathLike | None = None, base_model: str | None = None) -> Path:
+        """Write the LoRA adapters as a PEFT LoRA adapter directory to `path` (default OUT/adapter);
+        base_model: its `base_model_name_or_path`."""
+        if self.cfg.lora is None:
+            raise InputError("export_adapter: this run trains the whole model, not LoRA adapters; use export()")
+        lora = self.cfg.lora
+        return save_adapter(self.state["trainable"], lora.rank, lora.alpha, self.model_config,
+                            path or self.out / "adapter", base_model=base_model)
 
 
 def copy_tokenizer(model_dir: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -215,27 +251,39 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
 def finetune(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str | os.PathLike,
              cfg: TrainConfig, mesh=None, save_every: int = 100, until: int | None = None,
-             progress: bool = True, log=print) -> list[dict]:
-    """Load `model_dir`, train on `data_path` per `cfg`, checkpoint into `out`, export the model to `out`.
+             progress: bool = True, log=print, merged: bool | None = None) -> list[dict]:
+    """Load `model_dir` (its base as `cfg.weights` says), train on `data_path` per `cfg`, checkpoint into `out`,
+    export to `out`.
 
     Resumes from `out/checkpoints` when present. `until` stops early (after saving) at that step.
-    Returns the metrics of the steps run now.
+    The export: LoRA runs write the PEFT adapter `out/adapter`; merged: also write the whole model with the
+    adapters merged to `out` (full fine-tuning always does). None: merged unless the base is quantised, where it
+    would be a dequantised copy of the model (bf16: twice the FP8 base) that `from_pretrained(model_dir,
+    weights=..., adapter=out/adapter)` makes unnecessary. Returns the metrics of the steps run now.
     """
     cfg_model = load_config(model_dir)
     examples = data_lib.load_examples(data_path, load_tokenizer(model_dir), cfg.max_len, cfg_model.text.vocab_size)
-    model = from_pretrained(model_dir, dtype=cfg.param_dtype or stored_float_dtype(model_dir), mesh=mesh)
+    model = from_pretrained(model_dir, dtype=cfg.param_dtype or stored_float_dtype(model_dir), mesh=mesh,
+                            weights=cfg.weights)
     trainer = Trainer(model, examples, cfg, out, mesh=mesh, save_every=save_every)
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["trainable"]))
     log(f"{len(examples)} examples, sequence length {trainer.seq_len}, batch {cfg.batch_size}; "
-        f"{n_train:,} trainable parameters" + (f" (LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)})"
+        f"{n_train:,} trainable parameters" + (f" (LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
+                                                + (f" over the {cfg.weights} base)" if cfg.weights else ")")
                                                 if cfg.lora else ""))
     if trainer.restore():
         log(f"resumed from {out}/checkpoints at step {trainer.step}")
     history = trainer.run(until=until, progress=progress)
     if trainer.step >= cfg.steps:
-        trainer.export()
-        copy_tokenizer(model_dir, out)
-        log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
+        if cfg.lora is not None:
+            where = trainer.export_adapter(base_model=str(model_dir))
+            weights_arg = f", weights={cfg.weights!r}" if cfg.weights else ""
+            log(f"wrote the LoRA adapter to {where} (PEFT format; loads with from_pretrained({str(model_dir)!r}"
+                f"{weights_arg}, adapter={str(where)!r}) and with peft on the transformers model)")
+        if cfg.lora is None or (not trainer.quantised if merged is None else merged):
+            trainer.export()
+            copy_tokenizer(model_dir, out)
+            log(f"wrote the fine-tuned model to {out} (loads with from_pretrained)")
     return history
 
 
