@@ -308,7 +308,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_const", const="tiny", dest="preset", help="same as --preset tiny")
     ap.add_argument("--batches", help="comma-separated decode batch sizes (default: the preset's)")
     ap.add_argument("--prefill", help="comma-separated prefill lengths (default: the preset's)")
-    ap.add_argument("--expert-impls", default="grouped,gather", help="expert paths to time at each decode batch")
+    ap.add_argument("--expert-impls", default="auto,routed,gather,grouped",
+                    help="expert paths to time at each decode batch (model/moe.py)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers side by side")
     ap.add_argument("--json", help="where to write the figures (default bench/results/<preset>-<time>.json)")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file to append the run to")
@@ -363,7 +364,7 @@ def main(argv=None) -> dict:
             print(f"decode {impl:8s} B={b:4d}: {ms:9.3f} ms/step {1e3 * b / ms:10.1f} tok/s  "
                   f"roofline {roof:.3f} ms ({roof / ms:.0%})", flush=True)
     for n in lengths:
-        tps = prefill_tokens_per_s(with_expert_impl(model, "grouped"), n, p["chunk"])
+        tps = prefill_tokens_per_s(model, n, p["chunk"])  # the default expert path
         frac = prefill_flops(cfg, n) / n * tps / peak
         record(**{f"prefill_{n}": {"tok_s": round(tps, 1), "of_measured_peak": round(frac, 3)}})
         print(f"prefill T={n:6d}: {tps:12.1f} tok/s  {frac:.0%} of the measured bf16 matmul peak", flush=True)

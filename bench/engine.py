@@ -12,9 +12,9 @@ Useful tokens are the ones the requests asked for (sum of their lengths) on both
 ratio is static decode steps / engine decode steps = sum over groups of max(len) / (sum(len) / B).
 Then `--short` prompts of 2 new tokens through the same B slots (wall time, compiles included: their
 chunk and insert sizes are new), and `score` over `--score` requests.
-With `--paged`: a heavy-tailed workload (56 requests ask 8 tokens, 8 ask 2,000) through 32 slots and a pool of
-20,480 tokens, against contiguous rows of the same memory (one page per row of the longest request: 8 rows);
-useful tokens/s and the cache bytes each holds. With `--prefix`: 32 generation prompts that share a
+With `--paged`: 256 requests (240 ask 32 new tokens, 16 ask 1,000) through 32 slots sharing a pool of 20,480
+tokens, against contiguous rows of the same memory (one page per row as long as the longest request: 10 rows);
+useful tokens/s, decode steps and the cache bytes each holds. With `--prefix`: 32 generation prompts that share a
 1,024-token few-shot prefix (4 new tokens each), with and without reusing its pages; and multiple-choice
 scoring, 32 contexts of 384 tokens x 4 continuations, packed by shared context against one row per request.
 Random weights (the tiny config with a longer context), float32; runs on whatever JAX sees. Times are medians
@@ -57,13 +57,14 @@ def best_of(fn, repeat: int) -> float:
 
 
 def paged_vs_contiguous(model, repeat: int) -> dict:
-    """56 requests of 8 new tokens and 8 of 2,000 through 32 slots within 20,480 cache tokens, against contiguous
-    rows of the same memory (a page per row, as long as the longest request)."""
+    """A mixed workload within 20,480 cache tokens: 240 requests ask 32 new tokens and 16 ask 1,000 (prompts of 4
+    to 40). Pages: 32 slots, each request holding pages for its own tokens. Contiguous rows of the same memory:
+    every slot a row as long as the longest request (2,048 slots: 10 rows), as a cache without pages must."""
     from mistral4_jax import Engine
 
     g = np.random.default_rng(2)
-    prompts = [g.integers(20, 1000, int(g.integers(4, 41))).tolist() for _ in range(64)]
-    lens = [2000 if i % 8 == 3 else 8 for i in range(64)]
+    prompts = [g.integers(20, 1000, int(g.integers(4, 41))).tolist() for _ in range(256)]
+    lens = [1000 if i % 16 == 7 else 32 for i in range(256)]
     budget, row = 20480, 2048
 
     def run(**kw):
@@ -79,7 +80,8 @@ def paged_vs_contiguous(model, repeat: int) -> dict:
     return {"paged_tokens_per_s": round(sum(lens) / t_paged, 1), "contiguous_tokens_per_s": round(sum(lens) / t_cont, 1),
             "paged_over_contiguous": round(t_cont / t_paged, 2), "paged_slots": 32,
             "contiguous_slots": budget // row, "cache_bytes_both": paged["e"].cache_bytes(),
-            "preempted": paged["e"].stats["preempted"]}
+            "paged_decode_steps": paged["e"].stats["decode_steps"],
+            "contiguous_decode_steps": contiguous["e"].stats["decode_steps"], "preempted": paged["e"].stats["preempted"]}
 
 
 def shared_prefixes(model, repeat: int) -> dict:

@@ -303,6 +303,20 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def concurrency(rows: list[Row], cfg) -> str:
+    """How many concurrent requests of 4k and 32k tokens the one-device FP8 plan holds in the cache room one H200
+    leaves (pool at 0.95 - parameters - the largest decode / prefill temporaries): with pages a request holds
+    its own tokens; with contiguous rows every request holds a row as long as the longest (32k)."""
+    mine = [r for r in rows if r.weights == "fp8" and r.devices == 1 and not r.program.startswith("LoRA")]
+    if not mine:
+        return ""
+    room = H200_POOL - (mine[0].params + max(r.temp for r in mine)) * GiB
+    tokens = room / cache_bytes_per_token(cfg.text, jnp.bfloat16)
+    return (f"\nOne H200 at 0.95, FP8 weights: {room / GiB:.1f} GiB of cache room = {tokens / 1e3:.0f}k tokens. "
+            f"Concurrent requests with pages: {int(tokens // 4096)} of 4k or {int(tokens // 32768)} of 32k; "
+            f"with contiguous rows of 32k: {int(tokens // 32768)} of either.")
+
+
 def main(argv=None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=36)
@@ -322,6 +336,7 @@ def main(argv=None) -> list[Row]:
                 rows.append(measure(name, PROGRAMS[name], cfg, None if w == "bf16" else w, mesh))
     print(f"Mistral Small 4 at {args.layers} layers, jax {jax.__version__} ({jax.default_backend()})")
     print(table(rows))
+    print(concurrency(rows, cfg))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

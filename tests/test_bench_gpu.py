@@ -15,7 +15,7 @@ def test_tiny_preset(tmp_path):
     res = bench_gpu.main(["--tiny", "--json", str(tmp_path / "r.json"), "--results", str(tmp_path / "R.md")])
     assert json.loads((tmp_path / "r.json").read_text())["preset"] == "tiny"
     assert "## tiny on" in (tmp_path / "R.md").read_text()
-    for impl in ("grouped", "gather"):
+    for impl in ("auto", "routed", "gather", "grouped"):
         for b in (1, 8):
             d = res[f"decode_{impl}_b{b}"]
             assert d["ms_step"] > 0 and d["of_roofline"] > 0

@@ -54,27 +54,31 @@ def test_loading_checks_the_pool_before_reading(tiny, monkeypatch):
 
 
 def test_default_batch_size_fits_cache_and_compiled_temporaries(tiny, monkeypatch):
+    """With a pool that holds 4 rows and their programs' temporaries but not 8, 8 requests get 4 slots; the
+    temporaries are XLA's memory analysis of the compiled programs at that size."""
     model = from_pretrained(tiny / "fp8", dtype="float32")
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     prog = engine.programs_for(graphdef, treedef)
-    cache_len, chunk = 64, 16
+    cache_len, chunk, temps = 64, 16, {}
 
     def temp(rows):
-        return engine.program_temp_bytes(prog, leaves, model.config, model.dtype, rows, cache_len, chunk, 16, None)
+        if rows not in temps:
+            temps[rows] = engine.program_temp_bytes(prog, leaves, model.config, model.dtype, rows, cache_len, chunk,
+                                                    16, None)
+        return temps[rows]
 
     row = cache_bytes_per_token(model.config.text, model.dtype) * cache_len
     need = {b: row * b + temp(b) for b in (4, 8)}
     assert temp(8) > 0
-    # the free pool holds 4 rows with their programs' temporaries, not 8
     free = (need[4] + need[8]) / 2 / (1 - memory.PLAN_MARGIN)
     pool(monkeypatch, limit=int(free) + 10**6, in_use=10**6)
-    assert engine.default_batch_size(model, 32, cache_len, 1, temp) == 4
-    pool(monkeypatch, limit=10**9 * 1000)
-    assert engine.default_batch_size(model, 32, cache_len, 1, temp) == 32
+    assert engine.default_batch_size(model, 8, cache_len, 1, temp) == 4
+    pool(monkeypatch, limit=int(need[8] / (1 - memory.PLAN_MARGIN)) + 1)
+    assert engine.default_batch_size(model, 8, cache_len, 1, temp) == 8
     pool(monkeypatch, limit=row // 2)
     with pytest.raises(InputError, match="cache rows of 64 tokens"):
-        engine.default_batch_size(model, 32, cache_len, 1, temp)
+        engine.default_batch_size(model, 1, cache_len, 1, lambda rows: 0)
 
 
 def test_prefill_chunk_does_not_copy_cache_rows():

@@ -34,7 +34,7 @@ import dataclasses
 import hashlib
 import threading
 from collections import deque
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -232,6 +232,16 @@ def _take_chunks(embeds, starts_p, *, c):
 
 
 # ---------------------------------------------------------------------- sizes
+@lru_cache(maxsize=16)
+def _zeros_program(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def _zeros(shape, dtype, sharding):
+    """Zeros made on the device(s) in place (never a host copy); one compiled program per shape and layout."""
+    return _zeros_program(tuple(shape), dtype, sharding)()
+
+
 def cache_length(lens: Sequence[int], limits: Sequence[int], chunk: int) -> int:
     """Slots a row needs for every request's prompt (padded to whole chunks) and new tokens; a power of two so
     that nearby sizes share programs."""
@@ -444,8 +454,8 @@ class Engine:
         self._dirty = True
         self._kill = np.zeros(self.rows, bool)
         self.events: list[list[tuple[Request, int]]] = []  # tokens of the last step, one list per token step
-        # prompt tokens computed, prompt tokens found in cached prefix pages, requests preempted
-        self.stats = {"prefilled": 0, "reused": 0, "preempted": 0}
+        # prompt tokens computed, prompt tokens found in cached prefix pages, requests preempted, decode steps run
+        self.stats = {"prefilled": 0, "reused": 0, "preempted": 0, "decode_steps": 0}
 
     # ------------------------------------------------------------------ sizes
     def _default_cache_tokens(self) -> int:
@@ -480,9 +490,8 @@ class Engine:
             shapes = [(t.num_hidden_layers, len(self.pool.refs), self.page, d) for d in (t.kv_lora_rank,
                                                                                            t.qk_rope_head_dim)]
             trash = np.asarray([self.trash[r * self.groups // self.rows] for r in range(self.rows)], np.int32)
-            pool = [jax.jit(lambda s=s: jnp.zeros(s, self.model.dtype),
-                            out_shardings=None if self.mesh is None else logical_sharding(self.mesh, CACHE_LBSC, s))()
-                    for s in shapes]
+            pool = [_zeros(s, jnp.dtype(self.model.dtype),
+                           None if self.mesh is None else logical_sharding(self.mesh, CACHE_LBSC, s)) for s in shapes]
             self._cache = PagedCache(*pool, self._g(self._table), self._g(trash))
             self._slots = Slots(*(self._g(a) for a in (np.zeros(self.rows, np.int32),) * 3),
                                 self._g(np.zeros(self.rows, bool)),
@@ -815,6 +824,7 @@ class Engine:
                     self._end(req)
             self._emit(events)
         for out, j, live in fetched[1]:
+            self.stats["decode_steps"] += int(j)
             for i in range(int(j)):
                 events = []
                 for s in range(self.rows):

@@ -148,20 +148,19 @@ def tile_rows(n_pairs: int, n_experts: int) -> int:
     return min(MAX_TILE, 1 << max(0, mean - 1).bit_length())
 
 
-def _for_each_tile(groups: Groups, tile: int, per_expert, per_tile, carry):
-    """carry after visiting every tile of every active expert, experts in increasing order:
-    `ctx = per_expert(e)` once per expert, then `carry = per_tile(ctx, row0, n_valid, carry)` for its tiles
-    (rows row0 .. row0 + tile, of which the first n_valid are the expert's)."""
+def _over_tiles(groups: Groups, tile: int, open_expert, per_tile, close_expert, carry):
+    """carry after visiting every tile of every active expert, experts in increasing order: for expert e,
+    `ctx, inner = open_expert(e, carry)`, then `inner = per_tile(ctx, row0, n_valid, inner)` for each of its
+    tiles (rows row0 .. row0 + tile, the first n_valid of them its own), then `carry = close_expert(e, ctx,
+    inner, carry)`."""
 
     def expert_body(a, carry):
         e = groups.active[a]
         start, size = groups.starts[e], groups.sizes[e]
-        ctx = per_expert(e)
-
-        def tile_body(j, carry):
-            return per_tile(ctx, start + j * tile, size - j * tile, carry)
-
-        return jax.lax.fori_loop(0, -(-size // tile), tile_body, carry)
+        ctx, inner = open_expert(e, carry)
+        inner = jax.lax.fori_loop(0, -(-size // tile),
+                                  lambda j, inner: per_tile(ctx, start + j * tile, size - j * tile, inner), inner)
+        return close_expert(e, ctx, inner, carry)
 
     return jax.lax.fori_loop(0, groups.n_active, expert_body, carry)
 
@@ -177,21 +176,27 @@ def routed_ffn(act: str, tile: int, xs_mh, gate_up, down, groups: Groups):
     return _routed_forward(act, tile, xs_mh, gate_up, down, groups)
 
 
+def _owned(groups: Groups, rows_mh):
+    """The first M rows, zero where no expert owns them (ids outside every group sort last)."""
+    m = groups.order.shape[0]
+    return jnp.where((jnp.arange(m) < groups.sizes.sum())[:, None], rows_mh[:m], 0)
+
+
 def _routed_forward(act, tile, xs_mh, gate_up, down, groups):
     m, h = xs_mh.shape
     xs = jnp.pad(xs_mh, ((0, tile), (0, 0)))  # a group's last tile may run past M
 
-    def per_expert(e):
-        return weights.dense(weights.index(gate_up, e)), weights.dense(weights.index(down, e))
+    def open_expert(e, ys):
+        return (weights.dense(weights.index(gate_up, e)), weights.dense(weights.index(down, e))), ys
 
     def per_tile(ws, row0, n_valid, ys):
         # rows past the group (n_valid) belong to later groups, which overwrite them when their turn comes
         y = _tile_ffn(jax.lax.dynamic_slice_in_dim(xs, row0, tile), *ws, act)
         return jax.lax.dynamic_update_slice_in_dim(ys, y.astype(ys.dtype), row0, 0)
 
-    ys = _for_each_tile(groups, tile, per_expert, per_tile, jnp.zeros((m + tile, h), xs_mh.dtype))
-    owned = jnp.arange(m) < groups.sizes.sum()  # rows of ids outside every group are never written
-    return jnp.where(owned[:, None], ys[:m], 0)
+    ys = _over_tiles(groups, tile, open_expert, per_tile, lambda e, ws, ys, _: ys,
+                     jnp.zeros((m + tile, h), xs_mh.dtype))
+    return _owned(groups, ys)
 
 
 def _routed_fwd(act, tile, xs_mh, gate_up, down, groups):
@@ -207,38 +212,32 @@ def _routed_bwd(act, tile, res, dys_mh):
     xs = jnp.pad(xs_mh, ((0, tile), (0, 0)))
     dys = jnp.pad(dys_mh, ((0, tile), (0, 0)))
     (base1, lead1), (base2, lead2) = weights.unstacked(gate_up), weights.unstacked(down)
-    acc1 = weights.float_leaves_only(jax.tree.map(jnp.zeros_like, base1))
-    acc2 = weights.float_leaves_only(jax.tree.map(jnp.zeros_like, base2))
 
-    def expert_body(a, carry):
-        dxs, acc1, acc2 = carry
-        e = groups.active[a]
-        start, size = groups.starts[e], groups.sizes[e]
+    def open_expert(e, carry):
         w1, vjp1 = jax.vjp(weights.dense, weights.index(gate_up, e))
         w2, vjp2 = jax.vjp(weights.dense, weights.index(down, e))
+        return (w1, w2, vjp1, vjp2), (carry[0], jnp.zeros_like(w1), jnp.zeros_like(w2))
 
-        def tile_body(j, inner):
-            dxs, dw1, dw2 = inner
-            row0 = start + j * tile
-            mine = (jnp.arange(tile) < size - j * tile)[:, None]
-            x = jax.lax.dynamic_slice_in_dim(xs, row0, tile)
-            dy = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dys, row0, tile), 0)
-            _, vjp = jax.vjp(lambda x_, w1_, w2_: _tile_ffn(x_, w1_, w2_, act), x, w1, w2)
-            dx, d1, d2 = vjp(dy.astype(x.dtype))
-            return jax.lax.dynamic_update_slice_in_dim(dxs, dx, row0, 0), dw1 + d1, dw2 + d2
+    def per_tile(ctx, row0, n_valid, inner):
+        (w1, w2, _, _), (dxs, dw1, dw2) = ctx, inner
+        x = jax.lax.dynamic_slice_in_dim(xs, row0, tile)
+        dy = jnp.where((jnp.arange(tile) < n_valid)[:, None], jax.lax.dynamic_slice_in_dim(dys, row0, tile), 0)
+        _, vjp = jax.vjp(lambda x_, w1_, w2_: _tile_ffn(x_, w1_, w2_, act), x, w1, w2)
+        dx, d1, d2 = vjp(dy.astype(x.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(dxs, dx, row0, 0), dw1 + d1, dw2 + d2
 
-        dxs, dw1, dw2 = jax.lax.fori_loop(0, -(-size // tile), tile_body,
-                                          (dxs, jnp.zeros_like(w1), jnp.zeros_like(w2)))
+    def close_expert(e, ctx, inner, carry):
+        (_, _, vjp1, vjp2), (dxs, dw1, dw2) = ctx, inner
         (g1,), (g2,) = vjp1(dw1), vjp2(dw2)
-        return (dxs, weights.add_at(acc1, weights.float_leaves_only(g1), *lead1, e),
-                weights.add_at(acc2, weights.float_leaves_only(g2), *lead2, e))
+        return (dxs, weights.add_at(carry[1], weights.float_leaves_only(g1), *lead1, e),
+                weights.add_at(carry[2], weights.float_leaves_only(g2), *lead2, e))
 
-    dxs, acc1, acc2 = jax.lax.fori_loop(0, groups.n_active, expert_body,
-                                        (jnp.zeros((m + tile, h), xs_mh.dtype), acc1, acc2))
-    owned = jnp.arange(m) < groups.sizes.sum()
+    zeros = (jnp.zeros((m + tile, h), xs_mh.dtype), *(weights.float_leaves_only(jax.tree.map(jnp.zeros_like, b))
+                                                      for b in (base1, base2)))
+    dxs, acc1, acc2 = _over_tiles(groups, tile, open_expert, per_tile, close_expert, zeros)
     d_gate_up = weights.Stacked(acc1, None) if lead1 else acc1
     d_down = weights.Stacked(acc2, None) if lead2 else acc2
-    return jnp.where(owned[:, None], dxs[:m], 0), d_gate_up, d_down, None
+    return _owned(groups, dxs), d_gate_up, d_down, None
 
 
 routed_ffn.defvjp(_routed_fwd, _routed_bwd)
