@@ -184,13 +184,14 @@ def request_key(seed: int, i: int) -> list[int]:
     return [int(x) for x in np.asarray(jax.random.key_data(jax.random.fold_in(base, i)))]
 
 
-def check_length(service: Service, n_prompt: int, max_tokens: int, param: str) -> None:
+def check_length(service: Service, n_prompt: int, max_tokens: int, param: str, cache: bool = True) -> None:
+    """A 400 when prompt + max_tokens exceed the context, or (`cache`: it runs on the engine) the cache."""
     e = service.engine
     if n_prompt + max_tokens > e.max_len:
         raise APIError(400, f"this server's context is {e.max_len} tokens, but the request needs {n_prompt + max_tokens}"
                             f" ({n_prompt} in the prompt, {max_tokens} to generate): shorten the prompt or {param}",
                        "context_length_exceeded", param)
-    if n_prompt + max_tokens > e.capacity:
+    if cache and n_prompt + max_tokens > e.capacity:
         raise APIError(400, f"the request needs {n_prompt + max_tokens} cache tokens ({n_prompt} prompt + {max_tokens} "
                             f"to generate), more than one request may hold in this server's cache ({e.capacity}; "
                             "--cache-tokens)", "context_length_exceeded", param)
@@ -754,11 +755,14 @@ def prepare_completion(service: Service, req: CompletionRequest) -> CompletionPl
         raise _bad(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     if req.max_tokens == 0 and not req.echo:
         raise _bad("max_tokens 0 needs echo (there is nothing else to return)", "max_tokens")
+    plan = CompletionPlan(prompts, texts, req.max_tokens, s, req.echo, req.logprobs)
+    generates = not (plan.scored_only or plan.max_tokens == 0)  # else one teacher-forced pass: no cache pages
     for x in prompts:
-        check_length(service, len(x), max(req.max_tokens, 1 if req.logprobs is not None else 0), "max_tokens")
+        check_length(service, len(x), max(req.max_tokens, 1 if req.logprobs is not None else 0), "max_tokens",
+                     cache=generates)
     if req.stream and req.max_tokens == 0:
         raise _bad("stream needs max_tokens >= 1", "stream")
-    return CompletionPlan(prompts, texts, req.max_tokens, s, req.echo, req.logprobs)
+    return plan
 
 
 def completion_logprobs(service: Service, plan: CompletionPlan, prompt: list[int], tokens: list[int], lp,
