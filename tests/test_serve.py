@@ -79,6 +79,21 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
+ANCHOR = [1] + [500] * 129  # a plain-text prompt of 130 tokens
+
+
+def expected(model, prompts, max_new_tokens, **kw):
+    """`generate` of `prompts`, run at the shapes of the server's engine (3 rows of 256 slots, a 192-token page
+    pool, 256-token prefill chunks, tokens watched) so that it reuses the programs the server has compiled:
+    ANCHOR prompts (one new token each; their outputs are dropped) make the rows and lengths come out so.
+    Each prompt's output is that of generate alone (its key and its tokens do not depend on the batch)."""
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    pad = max(1, BATCH - len(prompts))
+    out = generate(model, [*prompts, *[ANCHOR] * pad], limits + [1] * pad, batch_size=BATCH,
+                   cache_tokens=CACHE_TOKENS, callback=lambda step, tokens: None, **kw)
+    return out[:len(prompts)]
+
+
 def _chat_ids(tok, messages, **kw):
     return tok.apply_chat_template(messages, **kw).input_ids
 
@@ -93,7 +108,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Schön, n
 # ---------------------------------------------------------------------- chat
 def test_greedy_chat_equals_generate_whole_and_streamed(client, model, tok):
     chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in QUESTIONS[:3]]
-    want = generate(model, [_chat_ids(tok, m) for m in chats], max_new_tokens=MAX_NEW)
+    want = expected(model, [_chat_ids(tok, m) for m in chats], MAX_NEW)
     for messages, w in zip(chats, want):
         got = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=MAX_NEW)
         parsed = tok.parse_output(w)
@@ -124,7 +139,7 @@ def test_sixteen_concurrent_requests_each_exact(client, model, tok):
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(ask, range(16)))
-    want = generate(model, [_chat_ids(tok, p) for p in prompts], max_new_tokens=limits)
+    want = expected(model, [_chat_ids(tok, p) for p in prompts], limits)
     assert got == [(tok.parse_output(w).content, len(w)) for w in want]
 
 
@@ -138,7 +153,7 @@ def test_chat_with_an_image_equals_generate(client, model, tok):
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=6)
     prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                                                    {"type": "image", "image": img}]}])
-    want = generate(model, [prompt.input_ids], max_new_tokens=6, pixel_values=prompt.pixel_values,
+    want = expected(model, [prompt.input_ids], 6, pixel_values=prompt.pixel_values,
                     image_sizes=prompt.image_sizes)[0]
     assert got.choices[0].message.content == tok.parse_output(want).content
     assert got.usage.prompt_tokens == len(prompt.input_ids) and prompt.num_images == 1
@@ -149,7 +164,7 @@ def test_sampled_choices_are_generate_with_the_same_seed(client, model, tok):
     messages = [{"role": "user", "content": "Tell me a story."}]
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=0.9, top_p=0.95, seed=7, n=3,
                                          max_tokens=8)
-    want = generate(model, [_chat_ids(tok, messages)] * 3, max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7)
+    want = expected(model, [_chat_ids(tok, messages)] * 3, 8, temperature=0.9, top_p=0.95, seed=7)
     assert [c.message.content for c in got.choices] == [tok.parse_output(w).content for w in want]
     assert [c.index for c in got.choices] == [0, 1, 2]
     assert request_key(7, 1) == [int(x) for x in np.asarray(jax.random.fold_in(jax.random.PRNGKey(7), 1))]
@@ -160,7 +175,7 @@ def test_chat_logprobs_are_the_models(client, model, tok):
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=5, logprobs=True,
                                          top_logprobs=3)
     ids = _chat_ids(tok, messages)
-    gen = generate(model, [ids], max_new_tokens=5)[0]
+    gen = expected(model, [ids], 5)[0]
     entries = got.choices[0].logprobs.content
     assert [bytes(e.bytes) for e in entries] == [bytes(TokenStrings(tok).get(t)[1]) for t in gen]
     full = ids + gen
@@ -179,7 +194,7 @@ def test_tools_and_reasoning_reach_the_prompt(client, model, tok):
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     ids = _chat_ids(tok, messages, tools=tools, reasoning_effort="high")
     opening = [tok.tool_calls, *tok.encode("get_weather"), tok.args]
-    free, args = generate(model, [ids, _chat_ids(tok, messages, tools=tools) + opening], max_new_tokens=6)
+    free, args = expected(model, [ids, _chat_ids(tok, messages, tools=tools) + opening], 6)
     got = client.chat.completions.create(model="tiny", messages=messages, tools=tools, reasoning_effort="high",
                                          temperature=0, max_tokens=6)
     want = tok.parse_output(free)
@@ -198,7 +213,7 @@ def test_tools_and_reasoning_reach_the_prompt(client, model, tok):
 def test_completions_equal_generate(client, model, tok):
     texts = ["The capital of France is", "Hello"]
     ids = [1, 5, 300, 301, 302]
-    want = generate(model, [tok.encode(t, add_bos=True) for t in texts] + [ids], max_new_tokens=MAX_NEW)
+    want = expected(model, [tok.encode(t, add_bos=True) for t in texts] + [ids], MAX_NEW)
     want = [tok.decode(w, skip_special_tokens=True) for w in want]
     got = client.completions.create(model="tiny", prompt=texts, temperature=0, max_tokens=MAX_NEW)
     assert [c.text for c in got.choices] == want[:2] and got.object == "text_completion"
@@ -211,7 +226,7 @@ def test_completions_equal_generate(client, model, tok):
 
 def test_stop_strings_cut_as_openai_does(client, model, tok):
     prompt = "Once upon a time"
-    whole = tok.decode(generate(model, [tok.encode(prompt, add_bos=True)], max_new_tokens=24)[0],
+    whole = tok.decode(expected(model, [tok.encode(prompt, add_bos=True)], 24)[0],
                        skip_special_tokens=True)
     stop = next(whole[k:k + 2] for k in range(2, len(whole) - 2)
                 if whole[k:k + 2].strip() and "\ufffd" not in whole[:k + 2])
@@ -242,7 +257,7 @@ def test_echo_logprobs_equal_score(client, model, tok):
             assert all(t == max(top.values()) for t, top in zip(part, tops)) == greedy
     # the generated token is the greedy one, after the echoed prompt
     got = client.completions.create(model="tiny", prompt=ctx, echo=True, logprobs=2, max_tokens=1, temperature=0)
-    nxt = generate(model, [ctx], max_new_tokens=1, stop_tokens=[])[0]
+    nxt = expected(model, [ctx], 1, stop_tokens=[])[0]
     assert got.choices[0].logprobs.tokens[-1] == TokenStrings(tok).text(nxt[0])
     assert got.choices[0].text == tok.decode(ctx + nxt, skip_special_tokens=True)
 
@@ -420,8 +435,8 @@ def test_two_processes_process_0_serves_and_the_other_follows(ckpt, model, tok, 
         c = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         ids = [1, 5, 300, 301]
-        chat_want = generate(model, [_chat_ids(tok, messages)], max_new_tokens=6)[0]
-        several_want = generate(model, [ids, ids[:2]], max_new_tokens=6, temperature=0.7, seed=3)
+        chat_want = expected(model, [_chat_ids(tok, messages)], 6)[0]
+        several_want = expected(model, [ids, ids[:2]], 6, temperature=0.7, seed=3)
         got = c.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=6)
         assert got.choices[0].message.content == tok.parse_output(chat_want).content
         r = c.completions.create(model="tiny", prompt=ids, echo=True, logprobs=1, max_tokens=0)
