@@ -421,6 +421,23 @@ def test_sigterm_drains_and_exits(ckpt, tmp_path):
         requests.get(url + "/health", timeout=10)
 
 
+def test_serve_usage_errors_are_one_line(ckpt, capsys):
+    from mistral4_jax import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv, want in ((["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+                           (["--coordinator", "127.0.0.1:1"], "--coordinator HOST:PORT needs --num-processes and "
+                                                               "--process-id"),
+                           (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}")):
+            rc = cli.main(["serve", "--model", str(ckpt), "--dtype", "float32", *argv])
+            err = capsys.readouterr().err.strip()
+            assert rc == 2 and err.startswith(f"mistral4-jax serve: error: {want}") and len(err.splitlines()) == 1, \
+                (argv, err)
+
+
 @pytest.mark.slow
 def test_two_processes_process_0_serves_and_the_other_follows(ckpt, model, tok, tmp_path):
     with socket.socket() as s:

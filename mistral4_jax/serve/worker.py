@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import os
 import sys
 import threading
 import traceback
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..inference.score import token_logprobs
+from ..text.images import batch_images, preprocess
 
 ENGINE_FAILED = "the engine failed"
 
@@ -39,8 +41,6 @@ class ShuttingDown(RuntimeError):
 def images_from_files(files_b64: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(pixel_values, image_sizes) of base64 image files, preprocessed as the chat template does."""
     from PIL import Image
-
-    from ..text.images import batch_images, preprocess
 
     cfg = tokenizer.image_config
     if cfg is None:
@@ -233,8 +233,6 @@ class Worker:
 
     def _fail(self, e: BaseException) -> None:
         """The loop cannot go on: every waiting handler hears it; the server sees `failed` and stops."""
-        import os
-
         detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if os.environ.get("MISTRAL4_JAX_TRACEBACK"):
             traceback.print_exception(e, file=sys.stderr)
