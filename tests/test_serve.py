@@ -392,7 +392,7 @@ def _serving_url(p, err) -> str:
 
 
 def test_sigterm_drains_and_exits(ckpt, tmp_path):
-    p, err = _start(tmp_path, ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0",
+    p, err = _start(tmp_path, ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0", "--batch-size", "2",
                                "--drain-seconds", "2"])
     lines = []
     try:
@@ -445,8 +445,9 @@ def test_two_processes_process_0_serves_and_the_other_follows(ckpt, model, tok, 
         port = s.getsockname()[1]
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [_start(tmp_path, ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0", "--mesh", "1,2,2",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                               "--served-model-name", "tiny"], env, tag=str(i)) for i in range(2)]
+                               "--batch-size", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--served-model-name", "tiny"], env, tag=str(i))
+             for i in range(2)]
     try:
         url = _serving_url(*procs[0])
         c = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)

@@ -188,8 +188,9 @@ def check_length(service: Service, n_prompt: int, max_tokens: int, param: str, c
     """A 400 when prompt + max_tokens exceed the context, or (`cache`: it runs on the engine) the cache."""
     e = service.engine
     if n_prompt + max_tokens > e.max_len:
-        raise APIError(400, f"this server's context is {e.max_len} tokens, but the request needs {n_prompt + max_tokens}"
-                            f" ({n_prompt} in the prompt, {max_tokens} to generate): shorten the prompt or {param}",
+        raise APIError(400, f"this server's context is {e.max_len} tokens, but the request needs "
+                            f"{n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} to generate): shorten "
+                            f"the prompt or {param}",
                        "context_length_exceeded", param)
     if cache and n_prompt + max_tokens > e.capacity:
         raise APIError(400, f"the request needs {n_prompt + max_tokens} cache tokens ({n_prompt} prompt + {max_tokens} "

@@ -39,8 +39,8 @@ class Server:
     """One model served over HTTP: `start()`, then `wait()` on the main thread, `shutdown()` to drain.
 
     model / tokenizer: loaded. engine: Engine's keyword arguments (batch_size, cache_tokens, max_len; the
-    engine watches: tokens come back every few steps, for streaming), or an engine object to serve. channel: a `multihost.Channel`
-    on process 0 of several. Everything else is `api.Service`'s."""
+    engine watches: tokens come back every few steps, for streaming), or an engine object to serve (the model
+    is then unused). channel: a `multihost.Channel` on process 0 of several. Everything else is `api.Service`'s."""
 
     def __init__(self, model, tokenizer, *, served_name: str, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, limits: Limits | None = None, engine=None,
