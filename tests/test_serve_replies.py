@@ -102,6 +102,8 @@ def server(tok):
         if "weather" in text:
             return [tok.tool_calls, *tok.encode("get_weather"), tok.args, *tok.encode('{"city": "Paris"}'),
                     tok.tool_calls, *tok.encode("get_time"), tok.args, *tok.encode("{}"), tok.eos]
+        if "padded" in text:  # an id of the model's vocabulary that the tokenizer does not have
+            return [*tok.encode("fine "), tok.vocab_size, *tok.encode("still"), tok.eos]
         if "forever" in text:
             return [*tok.encode("and on and on"), STALL]
         return [tok.think, *tok.encode("Let me think: 東京?"), tok.think_end, *tok.encode("Tokyo 🎉 it is."), tok.eos]
@@ -150,6 +152,14 @@ def test_tool_calls_arrive_in_tool_calls(client):
     follow = [*messages, {"role": "assistant", "content": None, "tool_calls": [x.model_dump() for x in calls]},
               *({"role": "tool", "tool_call_id": x.id, "content": "sunny"} for x in calls)]
     assert client.chat.completions.create(model="scripted", messages=follow, tools=tools).choices[0].message
+
+
+def test_an_id_the_tokenizer_lacks_has_no_text(client, tok):
+    assert ModelConfig.tiny().text.vocab_size > tok.vocab_size
+    kw = dict(model="scripted", messages=[{"role": "user", "content": "padded"}], stop=["zzz"])
+    assert client.chat.completions.create(**kw).choices[0].message.content == "fine still"
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                   if c.choices) == "fine still"
 
 
 def _poll(ready, what, deadline=120.0):

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..text import chat
 from ..text.tokenizer import byte_to_unicode
 
 ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "service_unavailable"}
@@ -112,6 +113,26 @@ def parse(schema: type[BaseModel], body: dict) -> Any:
 
 
 # ---------------------------------------------------------------------- token strings
+class KnownIds:
+    """The tokenizer as the server uses it: `decode` (and so `parse_output`, streaming, stop strings) leaves
+    out ids the tokenizer does not have instead of raising. A model's vocabulary may be larger than its
+    tokenizer's (padded rows of the embedding): such an id has no text, and generating it must not fail the
+    request, nor, through a stop string's check, the engine thread. Everything else is the tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special_tokens)
+
+    def parse_output(self, ids):
+        return chat.parse_output(self, ids)
+
+
 class TokenStrings:
     """Each token id as the string and bytes an OpenAI logprobs entry shows: its UTF-8 text, or
     "bytes:\\xNN..." for a piece of a multi-byte character (as OpenAI writes them); special tokens by name."""

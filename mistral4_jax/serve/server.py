@@ -16,6 +16,7 @@ import time
 
 from ..inference.engine import Engine
 from .api import Limits, Service, build_app
+from .protocol import KnownIds
 from .worker import Worker
 
 DRAIN_SECONDS = 5.0
@@ -47,6 +48,7 @@ class Server:
                  channel=None, root: str | None = None, aliases: tuple[str, ...] = (),
                  drain_seconds: float = DRAIN_SECONDS):
         self.drain_seconds = drain_seconds
+        tokenizer = tokenizer if isinstance(tokenizer, KnownIds) else KnownIds(tokenizer)
         self.engine = engine if engine is not None and not isinstance(engine, dict) else \
             Engine(model, watch=True, **(engine or {}))
         self.worker = Worker(self.engine, tokenizer, channel)
@@ -133,7 +135,7 @@ def run_leader(server: Server, name: str) -> None:
 def run_follower(model, tokenizer, engine: dict, channel, drain_seconds: float) -> None:
     """A process other than 0: run the leader's jobs until it shuts down (or, after a signal of our own,
     until it has been silent for a second past the drain)."""
-    worker = Worker(Engine(model, watch=True, **engine), tokenizer, channel)
+    worker = Worker(Engine(model, watch=True, **engine), KnownIds(tokenizer), channel)
     worker.warmup()
     stop = threading.Event()
     thread = threading.Thread(target=worker.follow, args=(stop,), name="mistral4-jax-follower", daemon=True)
