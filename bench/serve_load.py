@@ -2,10 +2,11 @@
 
 The server is the command itself (a child process, 127.0.0.1, a free port) over a random tiny checkpoint (the
 tiny config, float32) with `--batch-size 32`; the clients are threads of this process, each with its own HTTP
-connection, each sending its requests one after the other: POST /v1/completions with a prompt of 16 to 48 token
-ids and `max_tokens` new tokens, greedy (a request may stop early at an eos token: the tokens counted are the
-`usage.completion_tokens` the server reports). Each concurrency level runs once untimed (its insert sizes
-compile then) and then `--repeat` times; the figures are the median run's. Runs on whatever JAX sees.
+connection, each sending its requests one after the other: POST /v1/completions with a prompt of 17 to 32 token
+ids (one prefill-chunk size) and `max_tokens` new tokens, greedy (a request may stop early at an eos token: the
+tokens counted are the `usage.completion_tokens` the server reports). The engine compiles its insert program
+per number of prompts admitted together, so every level first runs twice untimed (those sizes compile then);
+then each level runs `--repeat` times and the figures are the median run's. Runs on whatever JAX sees.
 
     PYTHONPATH=$PWD python bench/serve_load.py [--clients 1 8 32] [--requests-per-client 4] [--max-tokens 32]
 """
@@ -55,7 +56,7 @@ def start_server(model: Path, batch: int, log: Path) -> tuple[subprocess.Popen, 
 def load(url: str, clients: int, per_client: int, max_tokens: int, seed: int) -> dict:
     """`clients` threads, `per_client` requests each; wall time from the first request to the last answer."""
     g = np.random.default_rng(seed)
-    prompts = [[1, *g.integers(100, 1000, int(g.integers(15, 48))).tolist()] for _ in range(clients * per_client)]
+    prompts = [[1, *g.integers(100, 1000, int(g.integers(16, 32))).tolist()] for _ in range(clients * per_client)]
     tokens = [0] * len(prompts)
     errors: list[str] = []
     start = threading.Barrier(clients + 1)
@@ -100,9 +101,11 @@ def main() -> None:
         p, url = start_server(model, args.batch_size, Path(tmp) / "server.log")
         rows = []
         try:
+            for seed in (0, 1):  # untimed: the insert sizes of every level compile
+                for c in args.clients:
+                    load(url, c, args.requests_per_client, args.max_tokens, seed=seed)
             for c in args.clients:
-                load(url, c, args.requests_per_client, args.max_tokens, seed=0)  # compiles this level's sizes
-                runs = sorted((load(url, c, args.requests_per_client, args.max_tokens, seed=1 + r)
+                runs = sorted((load(url, c, args.requests_per_client, args.max_tokens, seed=2 + r)
                                for r in range(args.repeat)), key=lambda x: x["seconds"])
                 rows.append(runs[len(runs) // 2])
                 row = rows[-1]
