@@ -84,9 +84,10 @@ ANCHOR = [1] + [500] * 129  # a plain-text prompt of 130 tokens
 
 def expected(model, prompts, max_new_tokens, **kw):
     """`generate` of `prompts`, run at the shapes of the server's engine (3 rows of 256 slots, a 192-token page
-    pool, 256-token prefill chunks, tokens watched) so that it reuses the programs the server has compiled:
-    ANCHOR prompts (one new token each; their outputs are dropped) make the rows and lengths come out so.
-    Each prompt's output is that of generate alone (its key and its tokens do not depend on the batch)."""
+    pool, tokens watched) so that it reuses the server's compiled decode program, and every call the same
+    256-token prefill chunk (fewer insert programs to compile): ANCHOR prompts (one new token each; their
+    outputs are dropped) make the rows and lengths come out so. Each prompt's output is that of generate
+    alone (its key and its tokens do not depend on the batch)."""
     limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
     pad = max(1, BATCH - len(prompts))
     out = generate(model, [*prompts, *[ANCHOR] * pad], limits + [1] * pad, batch_size=BATCH,
