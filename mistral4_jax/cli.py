@@ -419,6 +419,95 @@ def run_lm_eval(args) -> int:
     return 0
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions) over one engine",
+                       description="Loads the model once and serves the OpenAI API: POST /v1/chat/completions "
+                                   "(messages with text and data: URL images, reasoning_effort none/high with the "
+                                   "reasoning in reasoning_content, tools and tool_calls, logprobs, stream), POST "
+                                   "/v1/completions (text or token-id prompts, echo + logprobs as lm-eval's "
+                                   "local-completions sends them), GET /v1/models, GET /health. Concurrent requests "
+                                   "share the running batch (continuous batching); a client that disconnects "
+                                   "cancels its request. SIGINT / SIGTERM stop accepting, let running requests "
+                                   "finish for --drain-seconds, cancel the rest and exit (130 / 143). With several "
+                                   "processes (--coordinator), process 0 serves and the others follow it. Needs "
+                                   "pip install -e \".[serve]\".",
+                       epilog="example: mistral4-jax serve --model /data/m4-fp8 --weights fp8 --port 8000; then "
+                              "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-')")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port (printed at start)")
+    p.add_argument("--api-key", default=os.environ.get("MISTRAL4_JAX_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MISTRAL4_JAX_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: --model as given)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="sequences decoded at once (default: sized for 32 requests and the device's memory)")
+    p.add_argument("--cache-tokens", type=int, default=None, metavar="N",
+                   help="the paged cache's capacity in tokens, shared by the running requests (default: batch size "
+                        "x context, or what the device's free memory holds)")
+    p.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="the longest prompt + max_tokens of one request (default: the model's context, at most 32768)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="largest request body (default 32)")
+    p.add_argument("--max-images", type=int, default=8, metavar="N", help="most images in one request (default 8)")
+    p.add_argument("--drain-seconds", type=float, default=5.0, metavar="S",
+                   help="on SIGINT / SIGTERM, how long running requests may still run (default 5)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes: jax.distributed's coordinator (process 0's address); 'auto' lets JAX "
+                        "find it (Slurm, Open MPI, TPU). Process 0 serves HTTP, the others follow it")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N", help="with --coordinator HOST:PORT")
+    p.add_argument("--process-id", type=int, default=None, metavar="I", help="with --coordinator HOST:PORT")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    import jax
+
+    from .serve.api import Limits
+    from .serve.server import run_follower, run_leader, Server
+
+    if args.port < 0 or args.port > 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    for flag, v in (("--batch-size", args.batch_size), ("--cache-tokens", args.cache_tokens),
+                    ("--max-len", args.max_len), ("--max-images", args.max_images)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.max_body_mb <= 0 or args.drain_seconds < 0:
+        raise UsageError("--max-body-mb must be > 0 and --drain-seconds >= 0")
+    channel = None
+    if args.coordinator:
+        # JAX's preemption service would take SIGTERM from our handler (it only logs it): the drain is ours
+        jax.config.update("jax_enable_preemption_service", False)
+        if args.coordinator == "auto":
+            jax.distributed.initialize()
+        else:
+            if args.num_processes is None or args.process_id is None:
+                raise UsageError("--coordinator HOST:PORT needs --num-processes and --process-id")
+            jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+        if jax.process_count() > 1:
+            from .serve.multihost import Channel
+
+            channel = Channel()
+    tok = _tokenizer_for(args.model)
+    model = _load(args)
+    engine = {"batch_size": args.batch_size, "cache_tokens": args.cache_tokens, "max_len": args.max_len}
+    if channel is not None and not channel.leader:
+        run_follower(model, tok, engine, channel, args.drain_seconds)
+        return 0
+    name = args.served_model_name or args.model
+    aliases = () if args.served_model_name else (os.path.abspath(args.model), Path(args.model).name)
+    server = Server(model, tok, served_name=name, host=args.host, port=args.port, api_key=args.api_key,
+                    limits=Limits(int(args.max_body_mb * (1 << 20)), args.max_images), engine=engine, channel=channel,
+                    root=os.path.abspath(args.model), aliases=aliases,
+                    drain_seconds=args.drain_seconds)
+    try:
+        run_leader(server, name)
+    except OSError as e:
+        if server.thread is None:  # the port: a usage error
+            raise UsageError(str(e)) from None
+        raise
+    return 0
+
+
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on a JSONL dataset",
                        description="Trains with AdamW (warmup + cosine schedule, global-norm clipping) on "
@@ -508,7 +597,7 @@ def run_convert(args) -> int:
     return 0
 
 
-COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_lm_eval, add_finetune, add_convert]
+COMMANDS = [add_demo, add_chat, add_generate, add_eval, add_lm_eval, add_serve, add_finetune, add_convert]
 
 # What an interrupted command leaves behind (the default: nothing to say).
 INTERRUPTED = {
@@ -528,6 +617,8 @@ IMPORTS = {
     "eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.text.tokenizer"),
     "lm-eval": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.score", "mistral4_jax.inference.generate",
                 "mistral4_jax.text.tokenizer"),
+    "serve": ("mistral4_jax.checkpoints.load", "mistral4_jax.inference.engine", "mistral4_jax.inference.score",
+              "mistral4_jax.text.tokenizer", "mistral4_jax.serve.api", "mistral4_jax.serve.server", "uvicorn"),
     "finetune": ("mistral4_jax.checkpoints.load", "mistral4_jax.train", "mistral4_jax.text.tokenizer"),
     "convert": ("mistral4_jax.checkpoints.convert", "mistral4_jax.checkpoints.orbax"),
 }

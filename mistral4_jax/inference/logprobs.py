@@ -58,3 +58,30 @@ def target_logprobs(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: jax
     lp_nbc, top_nbc = jax.lax.map(lambda xs: one(kernel_dv, *xs), (h_nbcd, y_nbc))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * c)[:, :t]  # noqa: E731
     return unchunk(lp_nbc), unchunk(top_nbc)
+
+
+def target_top_logprobs(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: jax.Array, k: int, *,
+                        chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log p(target) [B, T], the k largest log p [B, T, k] float32, their ids [B, T, k] int32) per position.
+
+    As `target_logprobs`, plus `lax.top_k` of each position's logits (ties: the lower id first, as argmax).
+    Both come from the same z - logsumexp(z), so where the target is the argmax its log p equals the
+    first top value exactly (an OpenAI client reads "greedy" as that equality). k >= 1, static.
+    """
+    b, t, d = hidden_btd.shape
+    n, c = chunk_layout(t, chunk)
+    pad = n * c - t
+    dtype = jnp.result_type(hidden_btd.dtype, kernel_dv.dtype)
+    h_nbcd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+    y_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+
+    def one(w_dv, h_bcd, y_bc):
+        z_bcv = jnp.einsum("bcd,dv->bcv", h_bcd.astype(dtype), w_dv.astype(dtype)).astype(jnp.float32)
+        lp_bcv = z_bcv - jax.nn.logsumexp(z_bcv, axis=-1, keepdims=True)
+        hit_bcv = jnp.arange(z_bcv.shape[-1], dtype=y_bc.dtype) == y_bc[..., None]
+        top_lp, top_id = jax.lax.top_k(lp_bcv, k)
+        return jnp.sum(jnp.where(hit_bcv, lp_bcv, 0.0), axis=-1), top_lp, top_id.astype(jnp.int32)
+
+    lp_nbc, top_nbck, ids_nbck = jax.lax.map(lambda xs: one(kernel_dv, *xs), (h_nbcd, y_nbc))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])[:, :t]  # noqa: E731
+    return unchunk(lp_nbc), unchunk(top_nbck), unchunk(ids_nbck)

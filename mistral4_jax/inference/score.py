@@ -32,9 +32,9 @@ import numpy as np
 from flax import nnx
 
 from ..errors import InputError
-from ..inputs import check_int, validate_ids
+from ..inputs import check_image_tokens, check_int, validate_ids
 from .batching import batch_bucket, pow2
-from .logprobs import DEFAULT_CHUNK, chunk_layout, target_logprobs
+from .logprobs import DEFAULT_CHUNK, chunk_layout, target_logprobs, target_top_logprobs
 from ..model.hooks import Capture, ForwardOutput, Intervention, ResidualPatch
 from ..sharding import batch_divisor, for_host, mesh_context, model_mesh, to_global
 
@@ -250,6 +250,81 @@ def _score_shared(graphdef, state, ctxs, conts, batch_size, chunk, mesh, data, s
                 lp_sum[req] += float(lp[k, j])
                 greedy[req] = greedy[req] and bool(top[k, j])
     return list(zip(lp_sum, greedy))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "k", "image_sizes", "chunk"))
+def _token_logprobs(graphdef, state, ids_bt, mask_bt, targets_bt, pixel_values, k, image_sizes, chunk=DEFAULT_CHUNK):
+    model = nnx.merge(graphdef, state)
+    h = model.final_hidden(ids_bt, pixel_values, image_sizes, attention_mask=mask_bt)
+    return jax.tree.map(for_host, target_top_logprobs(h, model.lm_head.kernel[...], targets_bt, k, chunk=chunk))
+
+
+@dataclasses.dataclass
+class TokenLogprobs:
+    """Per-token log-probabilities of one sequence s of n tokens (`token_logprobs`).
+
+    logprobs[t] = log p(s[t+1] | s[:t+1]) for t < n - 1; top_ids[t] / top_logprobs[t] are the `top` most likely
+    next tokens after s[:t+1] and their log p, for every t < n (the last row is the distribution after the
+    whole sequence: its greedy next token is top_ids[-1][0])."""
+
+    logprobs: list[float]
+    top_ids: np.ndarray  # [n, top] int32
+    top_logprobs: np.ndarray  # [n, top] float32
+
+
+def token_logprobs(model, sequences: Sequence[Sequence[int]], top: int = 1, batch_size: int = 8, *,
+                   pixel_values=None, image_sizes=None, chunk: int = DEFAULT_CHUNK) -> list[TokenLogprobs]:
+    """The log-probability of every token of each sequence given the tokens before it, and the `top` most
+    likely tokens at every position (what an OpenAI-style `logprobs` / `echo` response reports).
+
+    Each sequence is fed whole (n tokens, n <= max_position_embeddings) in rows of `batch_size`, padded to
+    power-of-two batches and lengths; the head is applied a chunk at a time (`target_top_logprobs`). The
+    values equal `score`'s: the log-likelihood of a continuation is the sum of logprobs[len(context) - 1:].
+    pixel_values / image_sizes: the images of a single sequence's [IMG] tokens (one sequence only).
+    """
+    t = model.config.text
+    if not isinstance(sequences, (list, tuple)) or not sequences:
+        raise InputError("sequences must be a non-empty list of token-id lists")
+    check_int("top", top, 1, t.vocab_size)
+    check_int("batch_size", batch_size, 1)
+    chunk_layout(1, chunk)
+    seqs = [validate_ids(s, t.vocab_size, f"sequences[{i}]") for i, s in enumerate(sequences)]
+    for i, s in enumerate(seqs):
+        if len(s) > t.max_position_embeddings:
+            raise InputError(f"sequences[{i}] has {len(s)} tokens, more than the context limit "
+                             f"max_position_embeddings = {t.max_position_embeddings}")
+    sizes = None
+    if pixel_values is not None:
+        if len(seqs) != 1:
+            raise InputError("token_logprobs: pixel_values go with a single sequence")
+        layout = model.layout_for(pixel_values, image_sizes)
+        check_image_tokens(np.asarray(seqs[0]), model.config.image_token_id, sum(layout.tokens_per_image))
+        px = np.asarray(pixel_values, np.float32)
+        sizes = tuple(map(tuple, np.asarray(image_sizes if image_sizes is not None
+                                            else [px.shape[2:]] * len(px)).tolist()))
+    mesh = model_mesh(model)
+    data = batch_divisor(mesh)
+    graphdef, state = nnx.split(model)
+    k = min(pow2(top), t.vocab_size)  # a handful of programs for all `top` values
+    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = batch_bucket(len(idx), data)
+        tl = pow2(max(len(seqs[i]) for i in idx), 8)
+        ids, mask, tgt = (np.zeros((b, tl), np.int32) for _ in range(3))
+        for row, i in enumerate(idx):
+            n = len(seqs[i])
+            ids[row, :n], mask[row, :n], tgt[row, :n - 1] = seqs[i], 1, seqs[i][1:]
+        args = [to_global(x, mesh, ("batch",)) for x in (ids, mask, tgt)]
+        px_g = None if pixel_values is None else to_global(px, mesh)
+        with mesh_context(mesh):
+            lp, top_lp, top_id = jax.device_get(_token_logprobs(graphdef, state, *args, px_g, k, sizes, chunk=chunk))
+        for row, i in enumerate(idx):
+            n = len(seqs[i])
+            out[i] = TokenLogprobs([float(x) for x in lp[row, :n - 1]], np.asarray(top_id[row, :n, :top]),
+                                   np.asarray(top_lp[row, :n, :top]))
+    return out
 
 
 def perplexity(model, tokens: Sequence[int], window: int | None = None, stride: int | None = None,
