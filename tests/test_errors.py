@@ -131,8 +131,20 @@ def test_bad_dtype_argument(ckpt):
         from_pretrained(ckpt, dtype="int8")
 
 
-def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    from mistral4_jax.cli import main
+def test_demo_fine_tunes_exports_and_converts(tmp_path):
+    """The demo's default fine-tuning branch (`demo --train-steps N`, N > 0): the random model is trained, exported
+    with its tokenizer to DIR/trained and that is converted. The rest of the demo (the batched chat and scoring
+    on the converted model) is the same code with or without training: test_frontdoor runs `demo` through the CLI
+    with --train-steps 0. Two steps take this branch as the default 40 do."""
+    from mistral4_jax.demo.tiny import build_tiny
+    from mistral4_jax.text.tokenizer import Tokenizer
 
-    assert main(["demo", "--dir", str(tmp_path)]) == 0
-    assert "RANDOM weights" in capsys.readouterr().out
+    said = []
+    paths = build_tiny(tmp_path, train_steps=2, log=said.append)
+    assert any(m.startswith("fine-tuned 2 steps") for m in said), said
+    assert {"config.json", "tekken.json"} <= {p.name for p in (tmp_path / "trained").iterdir()}
+    assert any((tmp_path / "trained").glob("*.safetensors"))
+    assert "converted trained/" in said[-1], said
+    model = from_pretrained(paths["orbax"], dtype="float32")
+    ids = Tokenizer.from_pretrained(paths["orbax"]).encode("Hello", add_bos=True)
+    assert np.isfinite(np.asarray(model(np.asarray([ids])))).all()

@@ -2,6 +2,7 @@
 export, and the settings that refuse it (full fine-tuning, a resume with another base)."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -37,6 +38,13 @@ def _examples(n=8, t=16, seed=0):
     return [tokenize_record({"ids": [1] + g.integers(20, 256, t - 1).tolist()}, None) for _ in range(n)]
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _loss_and_grads(adapters, base, batch, graphdef, cfg):
+    """Loss and adapter gradients over `base`, one jitted function for the module: the two dense-base programs
+    below (the plain float32 load, the dequantised hybrid state) are one program, compiled once."""
+    return jax.value_and_grad(lambda a: loss_fn(a, base, batch, graphdef, cfg)[0])(adapters)
+
+
 def _random_b(adapters, seed=0, std=0.1):
     """The adapters with B random (at init B = 0, where dL/dA = 0 and W_eff = W: a check would see too little)."""
     g = np.random.default_rng(seed)
@@ -66,8 +74,8 @@ def test_lora_gradients_over_an_fp8_base_equal_those_over_the_dequantised_base(f
     g = np.random.default_rng(1)
     ids = g.integers(20, 256, (2, 12))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "targets": g.random((2, 12)) < 0.7}
-    (lq, grads_q) = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pq, batch, gq, cfg)[0]))(adapters)
-    (lp, grads_p) = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pp, batch, gp, cfg)[0]))(adapters)
+    lq, grads_q = _loss_and_grads(adapters, pq, batch, gq, cfg)
+    lp, grads_p = _loss_and_grads(adapters, pp, batch, gp, cfg)
     tol = CFG.text.vocab_size * F32_U
     assert abs(float(lq) - float(lp)) <= tol * float(lp)
     assert set(grads_q) == set(adapters) == set(kinds)
@@ -96,8 +104,9 @@ def test_lora_gradients_over_nvfp4_experts_equal_those_over_the_dequantised_base
     g = np.random.default_rng(1)
     ids = g.integers(20, 256, (2, 12))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "targets": g.random((2, 12)) < 0.7}
-    lq, grads_q = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pq, batch, gq, cfg)[0]))(adapters)
-    lp, grads_p = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, pp, batch, gq, cfg)[0]))(adapters)
+    lq, grads_q = _loss_and_grads(adapters, pq, batch, gq, cfg)
+    # the dense base as in the test above (TrainConfig.weights tells `finetune` how to load; the loss ignores it)
+    lp, grads_p = _loss_and_grads(adapters, pp, batch, gq, dataclasses.replace(cfg, weights=None))
     tol = CFG.text.vocab_size * F32_U
     assert abs(float(lq) - float(lp)) <= tol * float(lp)
     assert set(grads_q) == set(kinds)

@@ -188,6 +188,10 @@ def test_full_finetune_overfits_and_resumes_exactly(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "60")
     resumed = Trainer(_model(seed=7), _examples(), cfg, tmp_path / "b", save_every=20)  # other init: restored over
+    # The new Trainer's step is the same program (same graph, settings and optimizer) as the first one's: it runs
+    # that compiled step rather than compiling it a second time. What resumes (state, RNG key, data position,
+    # log) comes from the checkpoint alone.
+    resumed.step_fn = tr.step_fn
     assert resumed.restore() and resumed.step == 40 and resumed.position == 320
     again = [m["loss"] for m in resumed.run(progress=False)]
     assert again == losses[40:]
@@ -215,8 +219,10 @@ class _InterruptedOnce:
 
 
 def test_interrupt_between_a_step_and_its_log_line_keeps_log_and_checkpoint_equal(tmp_path):
-    cfg = TrainConfig(steps=4, lr=1e-3, batch_size=2, max_len=16)
-    tr = Trainer(_model(), _examples(), cfg, tmp_path, save_every=100)
+    # bfloat16 parameters: this run also checks what param_dtype="bfloat16" keeps (one compiled step serves both)
+    cfg = TrainConfig(steps=4, lr=1e-3, batch_size=2, max_len=16, param_dtype="bfloat16")
+    tr = Trainer(Mistral3ForConditionalGeneration(CFG, jnp.bfloat16, rngs=nnx.Rngs(0)), _examples(), cfg, tmp_path,
+                 save_every=100)
     step_fn = tr.step_fn
 
     def interrupted_at_step_3(*args):
@@ -236,6 +242,9 @@ def test_interrupt_between_a_step_and_its_log_line_keeps_log_and_checkpoint_equa
     assert tr.restore() and tr.step == 3
     tr.run(progress=False)
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3, 4]
+    # bfloat16 parameters stay bfloat16 through the steps and the restore; the optimizer state is float32
+    assert {x.dtype for x in jax.tree.leaves(tr.state["trainable"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
 
 
 def test_lora_overfits_and_the_merged_export_loads(tmp_path):
@@ -323,7 +332,7 @@ def test_remat_is_a_call_argument_that_checkpoints_each_layer_stack():
         assert checkpoints(TrainConfig(steps=1, remat=True, router_aux_weight=aux)) == plain + stacks
 
 
-def test_remat_bf16_and_aux_loss_options(tmp_path):
+def test_remat_bf16_and_aux_loss_options():
     from mistral4_jax.train.step import loss_fn
 
     batch = {k: jnp.asarray(v) for k, v in make_batch(_examples(), 0, 4, 16, 0).items()}
@@ -338,11 +347,8 @@ def test_remat_bf16_and_aux_loss_options(tmp_path):
         grads.append(g)
     for (path, a), (_, b) in zip(nnx.to_flat_state(grads[0]), nnx.to_flat_state(grads[1])):
         assert R.rel_err(b.get_value(), a.get_value()) < 1e-5, path  # remat recomputes, same gradients
-    cfg = TrainConfig(steps=2, param_dtype="bfloat16", batch_size=4, max_len=16)
-    tr = Trainer(Mistral3ForConditionalGeneration(CFG, jnp.bfloat16, rngs=nnx.Rngs(0)), _examples(), cfg, tmp_path)
-    tr.train_step()
-    assert {x.dtype for x in jax.tree.leaves(tr.state["trainable"])} == {jnp.dtype(jnp.bfloat16)}
-    assert {x.dtype for x in jax.tree.leaves(tr.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    # param_dtype="bfloat16" (bf16 parameters, float32 optimizer state): checked on the run of
+    # test_interrupt_between_a_step_and_its_log_line_keeps_log_and_checkpoint_equal
 
 
 # ---------------------------------------------------------------------- chats with images, tools, reasoning
