@@ -30,6 +30,25 @@ IDS = np.asarray([[1, 3, 30, 40, 4, 50, 60, 70, 80, 90], [1, 7, 21, 22, 23, 24, 
 ALL = ("attention", "shared_experts", "experts", "dense_mlp")
 
 
+@nnx.jit
+def _logits(model, ids):
+    """model(ids) as one compiled program: the eager forward compiles its layer scans again on every call, the
+    jitted one once per model structure (models with the same parameter types and shardings share it)."""
+    return model(ids)
+
+
+def _fwd(model) -> np.ndarray:
+    return np.asarray(_logits(model, jnp.asarray(IDS)))
+
+
+def _random_adapters(params, lora, g) -> dict:
+    """Adapters of init_adapters' structure and shapes (traced only, nothing compiled), both factors random:
+    A with init_adapters' std 1/sqrt(in), B with std 0.2 (not zero, so that the adapter changes the logits)."""
+    shapes = jax.eval_shape(lambda: init_adapters(params, lora, jax.random.key(0)))
+    return {k: {"a": jnp.asarray(g.standard_normal(v["a"].shape) / np.sqrt(v["a"].shape[-2]), jnp.float32),
+                "b": jnp.asarray(0.2 * g.standard_normal(v["b"].shape), jnp.float32)} for k, v in shapes.items()}
+
+
 def _ref(seed: int):
     return R.build(R.hf_config(text=TEXT), seed=seed)
 
@@ -65,10 +84,7 @@ def test_our_adapter_loads_in_peft_with_our_logits(base, tmp_path):
     model = from_pretrained(d, dtype="float32", weights=weights)
     lora = LoRAConfig(rank=3, alpha=5.0, targets=ALL)
     params = nnx.state(model, nnx.Param)
-    adapters = init_adapters(params, lora, jax.random.key(2))
-    g = np.random.default_rng(3)
-    adapters = {k: {"a": v["a"], "b": jnp.asarray(0.2 * g.standard_normal(v["b"].shape), jnp.float32)}
-                for k, v in adapters.items()}
+    adapters = _random_adapters(params, lora, np.random.default_rng(3))
     out = save_adapter(adapters, lora.rank, lora.alpha, model.config, tmp_path / "adapter", base_model=str(d))
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert not list(tmp_path.glob(".adapter*"))  # written under a temporary name, renamed into place
@@ -90,14 +106,14 @@ def test_our_adapter_loads_in_peft_with_our_logits(base, tmp_path):
     if weights == "fp8":
         lw = ours.language_model.layers.mlp.experts.gate_up_proj.get_value()
         assert isinstance(lw, LoRAWeight) and type(lw.w).__name__ == "Fp8Weight"
-    got = np.asarray(ours(IDS))
+    got = _fwd(ours)
     assert R.rel_err(got, want) < TOL
     # the in-memory adapters (as training applies them) give the same logits
     from mistral4_jax.train.lora import apply_adapters
 
     graphdef, p = nnx.split(model, nnx.Param)
     trained = nnx.merge(graphdef, apply_adapters(p, adapters, lora.scale))
-    assert R.rel_err(np.asarray(trained(IDS)), got) < TOL
+    assert R.rel_err(_fwd(trained), got) < TOL
 
 
 @pytest.mark.parametrize("case", ["all", "down_only_rslora"])
@@ -120,8 +136,8 @@ def test_a_peft_adapter_loads_in_ours_with_peft_logits(base, tmp_path, case):
                 p.mul_(3.0)
     want = R.logits(peft_model, IDS)
     peft_model.save_pretrained(tmp_path / "peft")
-    got = np.asarray(from_pretrained(d, dtype="float32", weights=weights, adapter=tmp_path / "peft")(IDS))
-    base_logits = np.asarray(from_pretrained(d, dtype="float32", weights=weights)(IDS))
+    got = _fwd(from_pretrained(d, dtype="float32", weights=weights, adapter=tmp_path / "peft"))
+    base_logits = _fwd(from_pretrained(d, dtype="float32", weights=weights))
     assert R.rel_err(want, base_logits) > 1e-3
     assert R.rel_err(got, want) < TOL
 
@@ -132,9 +148,7 @@ def good(tmp_path_factory):
     d = R.save(_ref(12), tmp_path_factory.mktemp("refused"))
     model = from_pretrained(d, dtype="float32")
     lora = LoRAConfig(rank=2, alpha=4.0, targets=("attention", "experts"))
-    adapters = init_adapters(nnx.state(model, nnx.Param), lora, jax.random.key(0))
-    g = np.random.default_rng(4)
-    adapters = {k: {"a": v["a"], "b": 0.2 * g.standard_normal(v["b"].shape)} for k, v in adapters.items()}
+    adapters = _random_adapters(nnx.state(model, nnx.Param), lora, np.random.default_rng(4))
     return d, save_adapter(adapters, 2, 4.0, model.config, tmp_path_factory.mktemp("good") / "adapter")
 
 
@@ -144,13 +158,13 @@ def test_an_adapter_loads_onto_a_mesh(good, weights):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (virtual) devices")
     d, src = good
-    want = np.asarray(from_pretrained(d, dtype="float32", weights=weights, adapter=src)(IDS))
-    assert R.rel_err(want, np.asarray(from_pretrained(d, dtype="float32", weights=weights)(IDS))) > 1e-2
+    want = _fwd(from_pretrained(d, dtype="float32", weights=weights, adapter=src))
+    assert R.rel_err(want, _fwd(from_pretrained(d, dtype="float32", weights=weights))) > 1e-2
     model = from_pretrained(d, dtype="float32", weights=weights, adapter=src, mesh=make_mesh(4, tensor=2))
     experts = model.language_model.layers.mlp.experts.gate_up_proj.get_value()
     a = experts.a if weights else experts
     assert a.sharding.spec[1] == "expert"
-    assert R.rel_err(np.asarray(model(IDS)), want) < TOL
+    assert R.rel_err(_fwd(model), want) < TOL
 
 
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("rank_pattern", {"o_proj": 4}),

@@ -229,7 +229,9 @@ def assemble(into: dict, path: str, layer: int | None, value: jax.Array, shape: 
         into[path] = value
         return
     if path not in into:
-        into[path] = jax.jit(partial(jnp.zeros, shape, value.dtype), out_shardings=sharding)()
+        # made in place on the device(s) (jnp.zeros compiles one cached program per shape and sharding; a
+        # new jax.jit here compiled again for every parameter of every load)
+        into[path] = jnp.zeros(shape, value.dtype, device=sharding)
     into[path] = _set_layer(into[path], value, layer)
 
 
