@@ -21,6 +21,10 @@ from .worker import Worker
 
 DRAIN_SECONDS = 5.0
 START_TIMEOUT = 60.0
+# After the drain: how long the engine thread may take to see the cancellations, and then uvicorn to send
+# the cancelled streams their last events (each). Normally well under a second; a process exiting before that cuts a
+# stream mid-chunk (seen with 5 s on a machine at load 12).
+CLOSE_SECONDS = 10.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,11 +105,11 @@ class Server:
         while self.worker.running and time.monotonic() < deadline and not self.worker.failed:
             time.sleep(0.02)
         self.worker.cancel_all()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + CLOSE_SECONDS
         while self.worker.running and time.monotonic() < deadline and not self.worker.failed:
             time.sleep(0.02)
         if self.thread is not None:
-            self.thread.join(5.0)
+            self.thread.join(CLOSE_SECONDS)
         self.worker.stop(timeout=5.0)
 
 
