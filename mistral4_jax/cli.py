@@ -625,12 +625,14 @@ IMPORTS = {
 HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-def _preimport(command: str) -> None:
-    """Load the command's modules with SIGINT / SIGTERM blocked. A handler that runs inside an extension
-    module's initialisation turns into an ImportError, a gc callback's swallowed exception, or an
-    interrupted system call that crashed jaxlib (SIGSEGV). The threads those modules start inherit the
-    mask, so later signals reach only the main thread. A signal sent meanwhile stays pending and is
-    delivered when the mask is restored: the handler then raises in ordinary code."""
+def _preimport(command: str, signals: _Signals | None = None) -> None:
+    """Load the command's modules with SIGINT / SIGTERM blocked, and a signal that arrives anyway only
+    recorded. A handler that raises inside an extension module's initialisation aborts the process (jaxlib's
+    MLIR), or turns into an ImportError or a swallowed exception; a signal that interrupts a system call there
+    crashed jaxlib (SIGSEGV). The threads those modules start inherit the mask, so later signals reach only
+    the main thread. Blocking is not enough alone: a thread started before (a caller's, a BLAS pool) may take
+    the signal, and Python then runs the handler in the main thread wherever it is. A recorded signal raises
+    once the imports are over."""
     import importlib
 
     if command == "convert":  # conversion is host work; jax reads JAX_PLATFORMS when it is imported
@@ -639,12 +641,18 @@ def _preimport(command: str) -> None:
         set_cli_allocator()
     masks = hasattr(signal, "pthread_sigmask")  # not on Windows
     before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD) if masks else None
+    if signals is not None:
+        signals.deferring = True
     try:
         for name in IMPORTS.get(command, ()):
             importlib.import_module(name)
     finally:
         if masks:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a pending signal is delivered (and recorded) here
+        if signals is not None:
+            signals.deferring = False
+    if signals is not None and signals.received:
+        raise Terminated() if signals.received[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class _Signals:
@@ -658,6 +666,7 @@ class _Signals:
         self.received: list[int] = []  # the last one names the exit status
         self.resending: list = []  # helper threads, joined by `restore`
         self.running = True  # False once the command is over: a signal then changes nothing
+        self.deferring = False  # True while `_preimport` loads modules: a signal is only recorded
         self.handlers = {s: signal.getsignal(s) for s in HELD}
         self.hook, self.logging_off = sys.unraisablehook, logging.root.manager.disable
 
@@ -675,7 +684,8 @@ class _Signals:
         if self.running:
             logging.disable(logging.CRITICAL)
             self.received.append(signum)
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            if not self.deferring:
+                raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def on_unraisable(self, unraisable) -> None:
         """Python swallows an exception raised inside a gc or weakref callback ("Exception ignored in ...";
@@ -717,8 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(argv, received: list[int]) -> int:
+def _run(argv, signals: _Signals | None) -> int:
     """The command's exit status: the one place that decides it (argparse's own exits aside)."""
+    received = signals.received if signals is not None else []
     args = None
     try:
         parser = build_parser()
@@ -726,7 +737,7 @@ def _run(argv, received: list[int]) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        _preimport(args.command)
+        _preimport(args.command, signals)
         rc = args.func(args)
         sys.stdout.flush()  # a reader that left before the last bytes is a closed pipe too
         return rc
@@ -765,12 +776,12 @@ def main(argv=None, *, program: bool | None = None) -> int:
 
     program = argv is None if program is None else program
     if threading.current_thread() is not threading.main_thread():  # no handlers can be set here
-        return _run(argv, [])
+        return _run(argv, None)
     signals = _Signals()
     rc = None
     try:
         signals.start()
-        rc = _run(argv, signals.received)
+        rc = _run(argv, signals)
     except SystemExit as e:  # argparse: --help / --version (0), a usage error (2)
         if not program:
             raise

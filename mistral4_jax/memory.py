@@ -7,14 +7,14 @@ sets it (`CLI_MEM_FRACTION`, unless the environment already does); a library use
 environment, and `from_pretrained` checks the pool before reading anything (`check_params_fit`), with a
 message that says what to set. On the CPU no pool is reported and nothing is checked.
 
-The command line imports this module before JAX starts, so it imports JAX only where it asks the device.
+The command line imports this module before it blocks SIGINT / SIGTERM for its imports, so it imports JAX
+and numpy (whose BLAS starts threads that would not block them) only inside the functions that need them.
 """
 
 from __future__ import annotations
 
+import math
 import os
-
-import numpy as np
 
 from .errors import InputError
 
@@ -45,8 +45,10 @@ def device_memory() -> tuple[int, int] | None:
 
 def shard_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
     """Bytes one device holds of an array of `shape` laid out by `sharding`."""
+    import numpy as np
+
     shard = sharding.shard_shape(tuple(shape)) if sharding is not None else shape
-    return int(np.prod(shard, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(int(n) for n in shard) * np.dtype(dtype).itemsize
 
 
 def gib(n: float) -> str:

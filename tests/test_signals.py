@@ -187,6 +187,54 @@ def test_interrupt_swallowed_by_a_gc_callback_is_delivered_again():
     assert (r.stdout.split(), r.stderr) == (["130"], "mistral4-jax convert: interrupted; nothing was written to dst\n")
 
 
+def test_interrupt_taken_by_another_thread_during_the_imports_waits_for_them(tmp_path):
+    """The imports block SIGINT in the main thread, but a thread started before them (numpy's BLAS pool, a
+    caller's) does not: the signal lands there and Python runs the handler in the main thread wherever it
+    is, here inside a module being imported (inside jaxlib's native initialisation it aborted the process).
+    The interrupt must wait until the imports are over. The module imported stands in for jaxlib: it
+    raises the signal from a thread that exists before the imports and runs Python code after it."""
+    (tmp_path / "probe.py").write_text("""if True:
+        import sys, time
+        main = sys.modules["__main__"]
+        try:
+            main.go.set()
+            assert main.sent.wait(60)
+            for _ in range(20):
+                time.sleep(0.01)  # the main thread runs a pending handler between these
+        except KeyboardInterrupt:
+            print("raised inside the import", file=sys.stderr, flush=True)
+            raise
+        print("imported", file=sys.stderr, flush=True)
+    """)
+    script = f"""if True:
+        import signal, sys, threading
+        sys.path.insert(0, {str(tmp_path)!r})
+        from mistral4_jax import cli
+
+        go, sent = threading.Event(), threading.Event()
+
+        def send():  # a thread that does not block SIGINT, as BLAS pools and callers' threads
+            go.wait()
+            signal.raise_signal(signal.SIGINT)  # delivered to this thread
+            sent.set()
+
+        threading.Thread(target=send, daemon=True).start()
+        cli.IMPORTS = {{"generate": ("probe",)}}
+        print(cli.main(["generate", "--model", "unused", "--prompt", "hi"]))
+    """
+    r = subprocess.run(_python("-c", script), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert (r.stdout.split(), r.stderr) == (["130"], "imported\nmistral4-jax generate: interrupted\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_command_starts_no_thread_before_its_imports():
+    """Threads started before the imports do not block the signals (see above); numpy's BLAS starts some
+    when it is imported, so the command imports it only under the mask."""
+    script = "import os, mistral4_jax.cli; print(len(os.listdir('/proc/self/task')))"
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["1"], r.stderr
+
+
 def test_in_process_calls_leave_the_callers_signal_state(hf, monkeypatch, capsys):
     """`cli.main([...])` from Python sets its handlers for the call only: after a success, an error, an
     argparse exit, an interrupt, a termination and an interrupt lost in a gc callback, the caller's SIGINT /
