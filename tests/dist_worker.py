@@ -10,7 +10,8 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.pop("XLA_FLAGS", None)  # the device count comes from jax_num_cpu_devices below
+# the device count comes from jax_num_cpu_devices below; LLVM unoptimised as in tests/conftest.py
+os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 

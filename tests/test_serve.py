@@ -367,7 +367,9 @@ def _python(*args):
     return launcher(*args)
 
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+# one device, LLVM unoptimised (FAST_COMPILE in tests/conftest.py)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+       "XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 
 def _start(tmp_path, argv, env=ENV, tag="0"):
@@ -444,7 +446,7 @@ def test_two_processes_process_0_serves_and_the_other_follows(ckpt, model, tok, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
     procs = [_start(tmp_path, ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0", "--mesh", "1,2,2",
                                "--batch-size", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--served-model-name", "tiny"], env, tag=str(i))
