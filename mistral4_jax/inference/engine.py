@@ -470,9 +470,15 @@ class Engine:
                           np.full((b, MAX_STOP_SEQUENCES, m), -1, np.int32),
                           np.zeros((b, MAX_STOP_SEQUENCES), np.int32))
 
+    def _on_devices(self, logical, shape):
+        """Where the engine's arrays live: the mesh's layout, or without one the first device, committed like
+        the programs' outputs (an uncommitted input after an admission compiled every program a second time)."""
+        return jax.devices()[0] if self.mesh is None else logical_sharding(self.mesh, logical, shape)
+
     def _g(self, a, logical=("batch",)):
-        if self.mesh is None:  # committed, like the programs' outputs (`_state`): an uncommitted block table after an
-            return jax.device_put(np.array(a), jax.devices()[0])  # admission compiled every program a second time
+        """A host array (the block table, slot flags) on the engine's devices."""
+        if self.mesh is None:
+            return jax.device_put(np.array(a), self._on_devices(logical, np.shape(a)))
         return to_global(a, self.mesh, logical)
 
     def _state(self):
@@ -482,15 +488,11 @@ class Engine:
             shapes = [(t.num_hidden_layers, len(self.pool.refs), self.page, d) for d in (t.kv_lora_rank,
                                                                                            t.qk_rope_head_dim)]
             trash = np.asarray([self.trash[r * self.groups // self.rows] for r in range(self.rows)], np.int32)
-            pool = [jnp.zeros(s, self.model.dtype,
-                              device=None if self.mesh is None else logical_sharding(self.mesh, CACHE_LBSC, s))
-                    for s in shapes]
+            pool = [jnp.zeros(s, self.model.dtype, device=self._on_devices(CACHE_LBSC, s)) for s in shapes]
             self._cache = PagedCache(*pool, self._g(self._table), self._g(trash))
             self._slots = Slots(*(self._g(a) for a in (np.zeros(self.rows, np.int32),) * 3),
                                 self._g(np.zeros(self.rows, bool)),
                                 self._g(np.full((self.rows, self.stop_width), -1, np.int32)))
-            if self.mesh is None:  # committed like the programs' outputs, so later calls hit the same executable
-                self._cache, self._slots = jax.device_put((self._cache, self._slots), jax.devices()[0])
         return self._cache, self._slots
 
     def cache_bytes(self) -> int:
