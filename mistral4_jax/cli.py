@@ -640,19 +640,14 @@ def _preimport(command: str, signals: _Signals | None = None) -> None:
     else:  # the pool the released model needs on one H200; JAX reads it when its backend starts
         set_cli_allocator()
     masks = hasattr(signal, "pthread_sigmask")  # not on Windows
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD) if masks else None
-    if signals is not None:
-        signals.deferring = True
-    try:
-        for name in IMPORTS.get(command, ()):
-            importlib.import_module(name)
-    finally:
-        if masks:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a pending signal is delivered (and recorded) here
-        if signals is not None:
-            signals.deferring = False
-    if signals is not None and signals.received:
-        raise Terminated() if signals.received[-1] == signal.SIGTERM else KeyboardInterrupt()
+    with signals.deferred() if signals is not None else contextlib.nullcontext():
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD) if masks else None
+        try:
+            for name in IMPORTS.get(command, ()):
+                importlib.import_module(name)
+        finally:
+            if masks:  # a signal pending meanwhile is delivered here, and recorded
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class _Signals:
@@ -666,7 +661,7 @@ class _Signals:
         self.received: list[int] = []  # the last one names the exit status
         self.resending: list = []  # helper threads, joined by `restore`
         self.running = True  # False once the command is over: a signal then changes nothing
-        self.deferring = False  # True while `_preimport` loads modules: a signal is only recorded
+        self.deferring = False  # inside `deferred()`: a signal is only recorded
         self.handlers = {s: signal.getsignal(s) for s in HELD}
         self.hook, self.logging_off = sys.unraisablehook, logging.root.manager.disable
 
@@ -685,7 +680,22 @@ class _Signals:
             logging.disable(logging.CRITICAL)
             self.received.append(signum)
             if not self.deferring:
-                raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+                self.interrupt(signum)
+
+    @staticmethod
+    def interrupt(signum):
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal while the block runs is only recorded, and raises once the block is over."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.received:
+            self.interrupt(self.received[-1])
 
     def on_unraisable(self, unraisable) -> None:
         """Python swallows an exception raised inside a gc or weakref callback ("Exception ignored in ...";
