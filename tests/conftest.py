@@ -5,7 +5,7 @@ import sys
 # XLA:CPU compiling tiny programs, and about a third of each compile is LLVM optimising machine code that then
 # runs for milliseconds: the tests skip that (XLA's own graph passes, fusion included, still run).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Processes the tests start set the same (FAST_COMPILE, written out where they build their environment).
+# Processes the tests start set it too (test_signals.ENV; dist_worker.py writes it out).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -25,6 +25,8 @@ import openai
 import pytest
 import requests
 
+from conftest import FAST_COMPILE
+from test_signals import ENV, _python  # children: SIGINT / SIGTERM at their defaults whatever we inherited
 from mistral4_jax import from_pretrained, generate, score
 from mistral4_jax.config import ModelConfig
 from mistral4_jax.demo import synthetic
@@ -361,15 +363,6 @@ def test_lm_eval_local_completions_equals_mistral4lm(server, model, ckpt, tmp_pa
 
 
 # ---------------------------------------------------------------------- the command: SIGTERM, several processes
-def _python(*args):
-    from test_signals import _python as launcher  # SIGINT / SIGTERM at their defaults, whatever we inherited
-
-    return launcher(*args)
-
-
-# one device, LLVM unoptimised (FAST_COMPILE in tests/conftest.py)
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-       "XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 
 def _start(tmp_path, argv, env=ENV, tag="0"):
@@ -446,7 +439,7 @@ def test_two_processes_process_0_serves_and_the_other_follows(ckpt, model, tok, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
+    env = {**ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
     procs = [_start(tmp_path, ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0", "--mesh", "1,2,2",
                                "--batch-size", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--served-model-name", "tiny"], env, tag=str(i))

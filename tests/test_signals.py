@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST_COMPILE
 from mistral4_jax.config import ModelConfig
 from mistral4_jax.demo import synthetic
 from mistral4_jax.demo.synthetic_tokenizer import write_tekken
@@ -19,9 +20,7 @@ from mistral4_jax.text.images import ImageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("MISTRAL4_TEST_CACHE", "")  # as tests/conftest.py
-# one device, LLVM unoptimised (FAST_COMPILE in tests/conftest.py)
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-       "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}  # one device
 # JAX writes a persistent-cache entry in place (no temporary file and rename), so a process killed while it
 # writes one leaves a truncated entry that aborts the next process reading it: only runs that are not
 # interrupted use the shared cache.
