@@ -10,7 +10,6 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
